@@ -1,0 +1,177 @@
+"""Decoding of every image kind the stages read, into one predictable array form.
+
+Every extraction stage reads images through :func:`load_image`, so all of them agree on what an
+image *is*: ``rgb`` is ``uint8 (H, W, 3)`` in display orientation (the EXIF orientation tag is
+applied), ``alpha`` is ``uint8 (H, W)`` when the file carries transparency, else ``None``. Rows
+are ``y`` (down), columns are ``x`` (right).
+
+Conversions (``source_mode`` keeps the PIL mode the file was opened with):
+
+- ``L`` / ``1`` grayscale: replicated to three channels;
+- ``I;16*`` / ``I`` (16-bit grayscale): scaled to 8 bit with ``round(v / 257)`` so that 65535 maps
+  to 255 and the full range is kept (clipping to 255 would saturate almost every pixel);
+  ``I`` values outside 0..65535 are clipped first;
+- ``RGBA`` / ``LA`` / ``PA`` / palette or RGB/L with a ``tRNS`` transparency key: colour plus
+  alpha; colour values under transparent pixels are returned as stored (not premultiplied);
+- ``CMYK`` (including Adobe's inverted CMYK JPEGs) and ``YCbCr``: converted by PIL to RGB;
+  embedded ICC profiles are not applied;
+- floating point (``F``) and anything PIL cannot convert: :class:`ImageDecodeError`.
+
+A truncated or corrupt file raises :class:`ImageDecodeError` instead of returning a partially
+grey image: decoding runs with ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` forced to ``False``.
+Multi-frame files (TIFF pages) yield their first frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = {"RGBA": "RGBA", "RGBa": "RGBA", "LA": "LA", "La": "LA", "PA": "RGBA"}
+
+
+class _UnsupportedImage(Exception):
+    """The file decoded but its pixel format has no faithful 8-bit RGB form."""
+
+
+class ImageDecodeError(Exception):
+    """An image file could not be decoded completely; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image in display orientation.
+
+    ``rgb``: ``uint8 (H, W, 3)``; ``alpha``: ``uint8 (H, W)`` (255 = opaque) or ``None`` when the
+    file has no transparency; ``source_mode``: the PIL mode of the file (e.g. ``"I;16"``, ``"P"``).
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    source_mode: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` in pixels."""
+        return int(self.rgb.shape[1]), int(self.rgb.shape[0])
+
+
+def load_image(path: str | Path) -> DecodedImage:
+    """Decode ``path`` completely into a :class:`DecodedImage`.
+
+    Raises :class:`ImageDecodeError` for a missing, truncated, corrupt or unsupported file;
+    never returns a partially decoded image.
+    """
+    path = Path(path)
+    try:
+        with _strict_decoding(), Image.open(path) as img:
+            img.load()
+            source_mode = img.mode
+            img = ImageOps.exif_transpose(img)
+            rgb, alpha = _to_arrays(img, source_mode)
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found") from None
+    except _UnsupportedImage as e:
+        raise ImageDecodeError(path, str(e)) from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "not an image file PIL can identify") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input, not a crash
+        raise ImageDecodeError(path, f"{type(e).__name__}: {e}") from None
+    return DecodedImage(rgb=rgb, alpha=alpha, source_mode=source_mode)
+
+
+@contextlib.contextmanager
+def _strict_decoding() -> Iterator[None]:
+    """Refuse truncated files even if another library switched PIL to tolerate them.
+
+    Oversized images (decompression bombs) are turned into errors as well.
+    """
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _to_arrays(img: Image.Image, source_mode: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Convert a loaded PIL image to ``(rgb uint8 HxWx3, alpha uint8 HxW | None)``."""
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        gray = scale_16bit_to_8bit(np.asarray(img))
+        return np.repeat(gray[:, :, None], 3, axis=2), None
+    if mode == "F":
+        raise _UnsupportedImage("floating-point images (mode F) are not supported; "
+                                "convert them to 8 or 16 bit")
+    has_key = "transparency" in img.info and mode in ("P", "L", "RGB")
+    if mode in _ALPHA_MODES or has_key:
+        target = "LA" if mode in ("LA", "La", "L") else "RGBA"
+        arr = np.asarray(img.convert(target))
+        color, alpha = arr[..., :-1], np.ascontiguousarray(arr[..., -1])
+        if target == "LA":
+            color = np.repeat(color, 3, axis=2)
+        return np.ascontiguousarray(color), alpha
+    rgb = np.asarray(img.convert("RGB"))
+    return np.ascontiguousarray(rgb), None
+
+
+def scale_16bit_to_8bit(values: np.ndarray) -> np.ndarray:
+    """Map 16-bit intensities to ``uint8`` with ``round(v / 257)`` (0 -> 0, 65535 -> 255).
+
+    ``values``: any integer array; values outside 0..65535 are clipped first.
+    """
+    v = np.clip(values.astype(np.int64), 0, 65535)
+    return ((v + 128) // 257).astype(np.uint8)
+
+
+def composite_alpha(rgb: np.ndarray, alpha: np.ndarray | None,
+                    background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """Blend an image over a solid colour: ``out = (rgb * a + bg * (255 - a)) / 255``, rounded.
+
+    ``rgb``: ``uint8 (H, W, 3)``; ``alpha``: ``uint8 (H, W)`` with 255 = opaque, or ``None``
+    (then ``rgb`` is returned unchanged); ``background``: ``(r, g, b)`` in 0..255, white by
+    default. Returns a new ``uint8 (H, W, 3)`` array. Colours are not premultiplied.
+    """
+    if alpha is None:
+        return rgb
+    if alpha.shape != rgb.shape[:2]:
+        raise ValueError(f"alpha shape {alpha.shape} does not match image {rgb.shape[:2]}")
+    a = alpha.astype(np.uint32)[:, :, None]
+    bg = np.asarray(background, dtype=np.uint32).reshape(1, 1, 3)
+    out = (rgb.astype(np.uint32) * a + bg * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name.
+
+    Recognised extensions (case-insensitive): ``.jpg .jpeg .png .webp .bmp .tif .tiff``. Hidden
+    files (names starting with ``.``, e.g. macOS ``._x.jpg`` resource forks) and sub-folders are
+    skipped. Raises ``NotADirectoryError`` when ``folder`` is not a directory.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: not a directory of images")
+    found = [p for p in folder.iterdir()
+             if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+             and p.is_file()]
+    return sorted(found, key=lambda p: p.name)
