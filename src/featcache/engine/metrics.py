@@ -1,0 +1,102 @@
+"""Per-stage bookkeeping: ``failures.tsv``, ``metrics/<stage>.json``, the failure budget."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from featcache.atomic import write_text
+from featcache.engine.types import RunResult
+
+log = logging.getLogger(__name__)
+
+METRICS_DIR = Path("metrics")
+
+
+class TooManyFailures(RuntimeError):
+    """More items failed than ``max_failures`` allows (the outputs were still written)."""
+
+
+def _clean(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def write_failures(path: str | Path, results: Sequence[RunResult]) -> Path:
+    """Write every failure as one row ``output  item  error  message`` (header included)."""
+    rows = ["output\titem\terror\tmessage"]
+    for r in results:
+        rows += [f"{Path(r.output).name}\t{_clean(f.item)}\t{_clean(f.error)}\t{_clean(f.message)}"
+                 for f in r.failures]
+    path = Path(path)
+    write_text(path, "\n".join(rows) + "\n")
+    return path
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process (and of finished children, e.g. loader workers)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kb_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    mem = {"peak_rss_mb": round(kb / 1024, 1), "peak_rss_children_mb": round(kb_children / 1024, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        mem["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return mem
+
+
+def write_metrics(stage: str, results: Sequence[RunResult], extra: dict[str, Any] | None = None,
+                  metrics_dir: Path = METRICS_DIR) -> Path:
+    """Sum the results into ``metrics/<stage>.json`` (a DVC metric) and return its path."""
+    wall = sum(r.wall_s for r in results)
+    done = sum(r.done for r in results)
+    metrics: dict[str, Any] = {
+        "items": sum(r.items for r in results),
+        "done": done,
+        "resumed": sum(r.resumed for r in results),
+        "failed": sum(r.failed for r in results),
+        "records": sum(r.records for r in results),
+        "wall_s": round(wall, 3),
+        "compute_s": round(sum(r.compute_s for r in results), 3),
+        "items_per_s": round(done / wall, 3) if wall > 0 else 0.0,
+        "device": results[0].device if results else "cpu",
+        **peak_memory_mb(),
+        **(extra or {}),
+    }
+    path = metrics_dir / f"{stage}.json"
+    write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def check_failures(results: Sequence[RunResult], max_failures: float) -> None:
+    """Raise :class:`TooManyFailures` when failures exceed the budget.
+
+    ``max_failures`` < 1 is a fraction of all items, otherwise a count.
+    """
+    failed = sum(r.failed for r in results)
+    items = sum(r.items for r in results)
+    budget = max_failures * items if max_failures < 1 else max_failures
+    if failed:
+        log.warning("%d of %d items failed; see failures.tsv", failed, items)
+    if failed > budget:
+        raise TooManyFailures(
+            f"{failed} of {items} items failed, more than max_failures={max_failures} allows; "
+            "see failures.tsv for what failed, fix the inputs or raise max_failures")
+
+
+def finish_stage(stage: str, out_dir: str | Path, results: Sequence[RunResult],
+                 max_failures: float, extra: dict[str, Any] | None = None) -> None:
+    """Write ``<out_dir>/failures.tsv`` and the metrics, then enforce the failure budget.
+
+    Only rank 0 writes (under torchrun every rank calls this).
+    """
+    from featcache.engine.distributed import init_distributed, shutdown_distributed
+
+    if init_distributed().is_main:
+        write_failures(Path(out_dir) / "failures.tsv", results)
+        write_metrics(stage, results, extra)
+    shutdown_distributed()
+    check_failures(results, max_failures)

@@ -1,0 +1,91 @@
+"""The small vocabulary of the engine: params, pieces of work, failures, batches, results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from featcache.config import require
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineParams:
+    """Knobs every extraction stage has. None of them changes the result.
+
+    ``max_failures`` is a count of failed items, or a fraction of all items when < 1; more
+    failures than that make the stage exit non-zero (after writing everything it could).
+    """
+
+    batch_size: int = 16
+    num_workers: int = 2
+    max_failures: float = 0.0
+
+    def validate(self) -> None:
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.max_failures >= 0, "max_failures",
+                "must be >= 0: a count of items, or a fraction of items when < 1")
+
+
+@dataclass
+class Piece:
+    """One unit of output produced by :meth:`Job.load`.
+
+    ``key`` names the output record (unique within one output). ``tensor`` is the model input
+    (``[3,H,W]`` float32 for image encoders) or ``None`` for model-free jobs; ``arrays`` are
+    per-piece arrays handed to ``compute`` (or, without a model, the output fields themselves).
+    """
+
+    key: str
+    tensor: object | None = None  # torch.Tensor; typed loosely so this module stays torch-free
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An item (or part of one) that could not be processed: one row of ``failures.tsv``."""
+
+    item: str
+    error: str
+    message: str
+
+
+class Job(Protocol):
+    """A picklable description of the work of one output: paths and params, never a model."""
+
+    def items(self) -> list[str]:
+        """Stable work items (e.g. relative image paths) in a deterministic order."""
+
+    def load(self, item: str) -> list[Piece | Failure]:
+        """Decode and preprocess one item; runs in DataLoader worker processes."""
+
+
+@dataclass
+class Batch:
+    """Pieces from many items, stacked for one model call.
+
+    ``inputs`` is ``[B, ...]`` (the pieces' tensors stacked) or ``None``; ``arrays[name][i]``
+    belongs to ``keys[i]``.
+    """
+
+    keys: list[str]
+    inputs: object | None
+    arrays: dict[str, list[np.ndarray]]
+
+
+@dataclass
+class RunResult:
+    """What one :func:`run_job` did; summed into the stage's metrics."""
+
+    output: str
+    items: int = 0
+    done: int = 0
+    resumed: int = 0
+    failed: int = 0
+    records: int = 0
+    wall_s: float = 0.0
+    compute_s: float = 0.0
+    device: str = "cpu"
+    failures: list[Failure] = field(default_factory=list)
