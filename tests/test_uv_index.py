@@ -1,0 +1,245 @@
+"""build_uv_index on a generated ScanNet-style scene with exact geometry.
+
+The scene: an infinite wall at world z = 4 and a rectangular occluder at z = 2
+(x in [-0.5, 0.5], y in [-0.4, 0.4]), cameras near the origin looking along +z. Depth maps are
+rendered analytically at half the colour resolution (uint16 mm), so visibility is known exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from featcache import scannet
+from featcache.config import ParamError, build_dataclass
+from featcache.engine.types import Failure, Piece
+from featcache.uv_index import UvIndexJob, UvIndexParams, index_frame, read_frame
+
+K_COLOR = np.array([[260.0, 0, 159.5], [0, 260.0, 119.5], [0, 0, 1]])
+K_DEPTH = np.array([[130.0, 0, 79.5], [0, 130.0, 59.5], [0, 0, 1]])
+COLOR_SIZE, DEPTH_SIZE = (320, 240), (160, 120)
+WALL_Z, OCC_Z, OCC_X, OCC_Y = 4.0, 2.0, 0.5, 0.4
+
+
+def camera(i: int) -> np.ndarray:
+    """Camera-to-world pose of good frame ``i``: small rotations, some translation."""
+    ay, ax = np.deg2rad(4.0 * (i - 1)), np.deg2rad(2.0 * i - 3)
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    pose = np.eye(4)
+    pose[:3, :3] = ry @ rx
+    pose[:3, 3] = [0.25 * (i - 1), 0.1 * i - 0.1, 0.2 * (i % 2)]
+    return pose
+
+
+def occluder_hit(origin: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where segments origin→target (…,3) cross the occluder plane: (param (…), point (…,3))."""
+    alpha = (OCC_Z - origin[..., 2]) / (target[..., 2] - origin[..., 2])
+    return alpha, origin + alpha[..., None] * (target - origin)
+
+
+def in_occluder(p: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    return (np.abs(p[..., 0]) <= OCC_X + margin) & (np.abs(p[..., 1]) <= OCC_Y + margin)
+
+
+def render_depth(pose: np.ndarray) -> np.ndarray:
+    """uint16 mm depth (h,w) of wall + occluder, rendered per depth pixel centre."""
+    width, height = DEPTH_SIZE
+    u, v = np.meshgrid(np.arange(width), np.arange(height))
+    rays = np.stack([u, v, np.ones_like(u)], -1).reshape(-1, 3).astype(float) \
+        @ np.linalg.inv(K_DEPTH).T
+    dirs = rays @ pose[:3, :3].T          # camera z = 1, so the ray parameter is camera z
+    origin = pose[:3, 3]
+    z_wall = (WALL_Z - origin[2]) / dirs[:, 2]
+    z_occ = (OCC_Z - origin[2]) / dirs[:, 2]
+    hit = in_occluder(origin + z_occ[:, None] * dirs) & (z_occ > 0)
+    z = np.where(hit, z_occ, z_wall)
+    return np.round(z * 1000).astype(np.uint16).reshape(height, width)
+
+
+def scene_points(seed: int = 0) -> np.ndarray:
+    """(N,3) world points: 3000 on the wall, 600 on the occluder, 50 behind the cameras."""
+    rng = np.random.default_rng(seed)
+    wall = np.c_[rng.uniform(-4, 4, (3000, 2)), np.full(3000, WALL_Z)]
+    occ = np.c_[rng.uniform([-OCC_X, -OCC_Y], [OCC_X, OCC_Y], (600, 2)), np.full(600, OCC_Z)]
+    behind = np.c_[rng.uniform(-1, 1, (50, 2)), np.full(50, -1.0)]
+    return np.concatenate([wall, occ, behind]).astype(np.float32)
+
+
+def write_ply(path: Path, points: np.ndarray, fmt: str) -> None:
+    """ScanNet-like PLY: x y z float + red green blue uchar vertices, then a face element."""
+    header = (f"ply\nformat {fmt} 1.0\ncomment test\nelement vertex {len(points)}\n"
+              "property float x\nproperty float y\nproperty float z\nproperty uchar red\n"
+              "property uchar green\nproperty uchar blue\nelement face 1\n"
+              "property list uchar int vertex_indices\nend_header\n")
+    if fmt == "ascii":
+        body = "".join(f"{x} {y} {z} 10 20 30\n" for x, y, z in points.tolist()) + "3 0 1 2\n"
+        path.write_bytes(header.encode() + body.encode())
+        return
+    rows = np.zeros(len(points), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
+                                        ("r", "u1"), ("g", "u1"), ("b", "u1")])
+    rows["x"], rows["y"], rows["z"] = points.T
+    face = np.array([3], "u1").tobytes() + np.array([0, 1, 2], "<i4").tobytes()
+    path.write_bytes(header.encode() + rows.tobytes() + face)
+
+
+def write_matrix(path: Path, m: np.ndarray) -> None:
+    path.write_text("\n".join(" ".join(f"{x:.9g}" for x in row) for row in m) + "\n")
+
+
+def write_frame(scene_dir: Path, stem: str, pose: np.ndarray, kind: str = "good") -> None:
+    """One frame; ``kind`` in good | inf_pose | no_depth | zero_depth."""
+    color = np.zeros((COLOR_SIZE[1], COLOR_SIZE[0], 3), np.uint8)
+    color[:, :, 1] = np.arange(COLOR_SIZE[0]) * 255 // COLOR_SIZE[0]
+    cv2.imwrite(str(scene_dir / "color" / f"{stem}.jpg"), color)
+    write_matrix(scene_dir / "pose" / f"{stem}.txt",
+                 np.full((4, 4), -np.inf) if kind == "inf_pose" else pose)
+    depth = render_depth(pose) if kind != "zero_depth" else np.zeros(DEPTH_SIZE[::-1], np.uint16)
+    if kind != "no_depth":
+        cv2.imwrite(str(scene_dir / "depth" / f"{stem}.png"), depth)
+
+
+def build_scene(root: Path, scene: str, frames: dict[str, str], cloud: str = "binary") -> Path:
+    """Write ``root/scans/<scene>`` with ``frames = {stem: kind}``; returns the scene folder."""
+    scene_dir = root / "scans" / scene
+    for sub in ("color", "depth", "pose", "intrinsic"):
+        (scene_dir / sub).mkdir(parents=True, exist_ok=True)
+    k4 = np.eye(4)
+    for name, k in (("color", K_COLOR), ("depth", K_DEPTH)):
+        k4[:3, :3] = k
+        write_matrix(scene_dir / "intrinsic" / f"intrinsic_{name}.txt", k4)
+    points = scene_points()
+    if cloud == "npy":
+        np.save(scene_dir / f"{scene}_vh_clean_2.npy", points)
+    else:
+        fmt = "ascii" if cloud == "ascii" else "binary_little_endian"
+        write_ply(scene_dir / f"{scene}_vh_clean_2.ply", points, fmt)
+    for stem, kind in frames.items():
+        write_frame(scene_dir, stem, camera(int(stem) % 3), kind)
+    return scene_dir
+
+
+@pytest.fixture()
+def scannet_root(tmp_path: Path) -> Path:
+    root = tmp_path / "scannet"
+    build_scene(root, "scene0000_00", {"0": "good", "1": "good", "2": "good", "3": "inf_pose",
+                                       "4": "no_depth", "5": "zero_depth", "10": "good"})
+    build_scene(root, "scene0001_00", {"0": "good", "1": "good"}, cloud="ascii")
+    (root / "scenes.txt").write_text("scene0000_00\nscene0001_00\nscene0009_00\n")
+    return root
+
+
+def make_params(root: Path, tmp_path: Path, **kw: object) -> UvIndexParams:
+    values = {"scannet": str(root), "scenes": "scenes.txt", "out": str(tmp_path / "uv"),
+              "frames_per_scene": 0, "num_workers": 0, **kw}
+    return build_dataclass(UvIndexParams, values, "build_uv_index")
+
+
+def expected_visibility(points: np.ndarray, pose: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth from the analytic scene: (visible (N,), near_silhouette (N,))."""
+    origin = pose[:3, 3]
+    alpha, hit = occluder_hit(origin, points.astype(float))
+    on_occ = np.isclose(points[:, 2], OCC_Z)
+    z_hit = (hit - origin) @ pose[:3, 2]              # camera depth of the crossing point
+    margin = 2.5 * z_hit / K_DEPTH[0, 0]              # 2.5 depth pixels at the occluder
+    blocked = (alpha > 0) & (alpha < 1 - 1e-9) & in_occluder(hit)
+    near = in_occluder(hit, margin) & ~in_occluder(hit, -margin) & ((alpha > 0) | on_occ)
+    return ~blocked, near
+
+
+def test_items_select_frames_numerically_and_report_missing_scene(scannet_root, tmp_path):
+    job = UvIndexJob(make_params(scannet_root, tmp_path))
+    assert job.items() == [f"scene0000_00/frame_{i:06d}" for i in (0, 1, 2, 3, 4, 5, 10)] + [
+        "scene0001_00/frame_000000", "scene0001_00/frame_000001", "scene0009_00"]
+    job = UvIndexJob(make_params(scannet_root, tmp_path, frames_per_scene=2, frame_stride=3))
+    assert job.items()[:2] == ["scene0000_00/frame_000000", "scene0000_00/frame_000003"]
+    assert job.load("scene0009_00")[0].error == "missing_scene"
+
+
+@pytest.mark.parametrize("kind,code", [("3", "bad_pose"), ("4", "missing_file"),
+                                       ("5", "empty_depth")])
+def test_bad_frames_become_failures(scannet_root, tmp_path, kind, code):
+    job = UvIndexJob(make_params(scannet_root, tmp_path))
+    [result] = job.load(f"scene0000_00/frame_{int(kind):06d}")
+    assert isinstance(result, Failure) and result.error == code, result
+
+
+@pytest.mark.parametrize("scene,stem", [("scene0000_00", "1"), ("scene0000_00", "2"),
+                                        ("scene0000_00", "10"), ("scene0001_00", "0")])
+def test_frame_index_matches_exact_geometry(scannet_root, tmp_path, scene, stem,
+                                            record_property):
+    params = make_params(scannet_root, tmp_path)
+    [piece] = UvIndexJob(params).load(f"{scene}/frame_{int(stem):06d}")
+    assert isinstance(piece, Piece), piece
+    a = piece.arrays
+    points, pose = scene_points(), camera(int(stem) % 3)
+    n = len(points)
+    assert a["uv_idx"].shape == (n, 2) and a["uv_idx"].dtype == np.float32
+    assert a["valid"].dtype == bool and a["depth"].dtype == np.float32
+    assert a["conf_2d"].dtype == np.float32 and str(a["frame"]) == stem
+    assert a["image_size"].tolist() == list(COLOR_SIZE)
+    record_property("reprojection_max_px", float(a["reproj_err_px"]))
+    assert float(a["reproj_err_px"]) < 1.0
+    assert not a["valid"][-50:].any()                       # behind the camera
+    visible, near = expected_visibility(points, pose)
+    check = a["valid"] & ~near
+    assert check.sum() > 1000
+    np.testing.assert_array_equal(a["conf_2d"][check] == 1, visible[check])
+    assert (a["conf_2d"][~a["valid"]] == 0).all()
+    assert 0 < (~visible[check]).sum()                      # some points are really occluded
+
+
+def test_depth_backprojection_lands_on_projected_points(scannet_root, record_property):
+    """Scene points visible in the depth map, lifted from depth and projected again, land
+    within 1 px of where the uv index puts them."""
+    scene_dir = scannet_root / "scans" / "scene0000_00"
+    frame = read_frame(scene_dir, "1", 1000.0)
+    params = make_params(scannet_root, scannet_root, occlusion_check=True)
+    arrays = index_frame(scene_points(), frame, params)
+    from featcache import geometry
+    cam = geometry.world_to_camera(scene_points(), frame.pose)
+    d_uv = geometry.camera_to_pixels(cam, frame.k_depth)
+    rows, cols = np.rint(d_uv[:, 1]).astype(int), np.rint(d_uv[:, 0]).astype(int)
+    sel = arrays["conf_2d"] == 1
+    # lift the *measured* depth at the point's own (sub-pixel) depth coordinates
+    z = frame.depth[rows[sel], cols[sel]].astype(float)
+    rays = np.c_[d_uv[sel], np.ones(sel.sum())] @ np.linalg.inv(frame.k_depth).T
+    world = (rays * z[:, None]) @ frame.pose[:3, :3].T + frame.pose[:3, 3]
+    again = geometry.project_points(world, frame.pose, frame.k_color, COLOR_SIZE)
+    err = np.abs(again.uv - arrays["uv_idx"][sel]).max()
+    record_property("lifted_max_px", float(err))
+    assert err < 1.0
+
+
+def test_occlusion_check_off_gives_valid_as_conf(scannet_root, tmp_path):
+    params = make_params(scannet_root, tmp_path, occlusion_check=False)
+    [piece] = UvIndexJob(params).load("scene0000_00/frame_000001")
+    np.testing.assert_array_equal(piece.arrays["conf_2d"], piece.arrays["valid"].astype(np.float32))
+
+
+@pytest.mark.parametrize("cloud", ["binary", "ascii", "npy"])
+def test_point_cloud_formats_read_the_same(tmp_path, cloud):
+    scene_dir = build_scene(tmp_path, "s", {}, cloud=cloud)
+    path = scene_dir / ("s_vh_clean_2.npy" if cloud == "npy" else "s_vh_clean_2.ply")
+    points = scannet.read_point_cloud(path)
+    assert points.dtype == np.float32
+    np.testing.assert_allclose(points, scene_points(), rtol=1e-6)
+
+
+def test_truncated_ply_is_an_error(tmp_path):
+    scene_dir = build_scene(tmp_path, "s", {})
+    path = scene_dir / "s_vh_clean_2.ply"
+    path.write_bytes(path.read_bytes()[:-4000])
+    with pytest.raises(scannet.ScanNetError, match="truncated"):
+        scannet.read_point_cloud(path)
+
+
+@pytest.mark.parametrize("key,value", [("frame_stride", 0), ("depth_min", 20.0),
+                                       ("occlusion_tolerance", 0.0), ("point_cloud", "x.obj"),
+                                       ("frames_per_scene", "5")])
+def test_bad_params_name_the_key(tmp_path, key, value):
+    with pytest.raises(ParamError, match=f"build_uv_index.{key}"):
+        make_params(tmp_path, tmp_path, **{key: value})
