@@ -82,14 +82,15 @@ def test_decode_rejects_bad_rle(segmentation: object, code: str) -> None:
 
 
 def test_list_images_sorted_flat_and_duplicates(tmp_path: Path) -> None:
-    for name in ["sa_2.jpg", "sa_10.PNG", "sa_1.jpg", "sa_1.png", "sa_1.json", "notes.txt"]:
+    for name in ["sa_2.jpg", "sa_10.PNG", "sa_1.jpg", "sa_1.png", "sa_1.json", "notes.txt",
+                 "._sa_4.jpg"]:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "sa_3.jpg").write_bytes(b"x")
     paths = list_sa1b_images(tmp_path)
     assert [p.name for p in paths] == ["sa_1.jpg", "sa_1.png", "sa_10.PNG", "sa_2.jpg"]
     assert duplicate_stems(paths) == {tmp_path / "sa_1.png": tmp_path / "sa_1.jpg"}
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(NotADirectoryError, match="nowhere"):
         list_sa1b_images(tmp_path / "nowhere")
 
 

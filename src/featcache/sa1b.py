@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from featcache.images import list_images
+
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width/height
 
@@ -50,15 +51,12 @@ class Sa1bRecord:
 
 
 def list_sa1b_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder`` (suffix case-insensitive), sorted by file name.
+    """Image files directly inside ``folder``, sorted by file name (:func:`images.list_images`:
+    case-insensitive suffixes, hidden files and sub-folders skipped; JSON files ignored).
 
-    JSON and other files are ignored; sub-folders are not searched.
+    Raises ``NotADirectoryError`` when ``folder`` is not a directory.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"SA-1B folder not found: {folder}")
-    return sorted((p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
+    return list_images(folder)
 
 
 def duplicate_stems(paths: Sequence[Path]) -> dict[Path, Path]:

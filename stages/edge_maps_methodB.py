@@ -1,0 +1,18 @@
+"""Stage edge_maps_methodB: Method-B edge maps of SA-1B instance masks.
+
+Reads the ``edge_maps_methodB`` section of params.yaml and writes ``<out>/<stem>_edges.npz``
+per image (see :mod:`featcache.edges`).
+"""
+
+from featcache.config import load_stage_params
+from featcache.edges import STAGE, EdgeParams, run_edge_maps
+from featcache.stage import run_stage
+
+
+def main() -> None:
+    _, params = load_stage_params(STAGE, EdgeParams)
+    run_edge_maps(params)
+
+
+if __name__ == "__main__":
+    run_stage(main)

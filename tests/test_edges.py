@@ -1,0 +1,213 @@
+"""Method-B edge maps: hand-drawn masks, params validation, and full stage runs on tmp folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from featcache.config import ParamError, build_dataclass, load_stage_params
+from featcache.edges import (EdgeParams, compute_image_edges, edge_map_method_b,
+                             resize_edge_map, run_edge_maps)
+from featcache.engine import TooManyFailures
+
+SECTION = "edge_maps_methodB"
+
+
+def rle(mask: np.ndarray) -> dict:
+    """Compressed COCO RLE of a ``(H, W)`` 0/1 mask, as SA-1B stores it."""
+    enc = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in enc["size"]], "counts": enc["counts"].decode("ascii")}
+
+
+def write_item(folder: Path, stem: str, masks: list[np.ndarray], shape: tuple[int, int],
+               segmentations: list | None = None) -> Path:
+    """Write ``<stem>.png`` and ``<stem>.json`` (SA-1B layout) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = folder / f"{stem}.png"
+    Image.new("RGB", (shape[1], shape[0]), (90, 60, 30)).save(image)
+    segs = segmentations if segmentations is not None else [rle(m) for m in masks]
+    doc = {"image": {"image_id": 7, "width": shape[1], "height": shape[0],
+                     "file_name": image.name},
+           "annotations": [{"id": i, "segmentation": s} for i, s in enumerate(segs)]}
+    (folder / f"{stem}.json").write_text(json.dumps(doc))
+    return image
+
+
+def square(shape: tuple[int, int], top: int, left: int, bottom: int, right: int) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    mask[top:bottom, left:right] = 1
+    return mask
+
+
+def test_square_edge_is_a_band_around_the_boundary() -> None:
+    edge = edge_map_method_b([square((20, 20), 5, 5, 10, 10)], (20, 20), 3)
+    expected = np.zeros((20, 20), bool)
+    expected[4:11, 4:11] = True   # dilation: one pixel outside the square
+    expected[6:9, 6:9] = False    # erosion: the square's interior stays inside
+    assert edge.dtype == bool
+    np.testing.assert_array_equal(edge, expected)
+    assert edge.sum() == 49 - 9
+
+
+def test_kernel_five_widens_the_band() -> None:
+    edge = edge_map_method_b([square((20, 20), 5, 5, 12, 12)], (20, 20), 5)
+    expected = np.zeros((20, 20), bool)
+    expected[3:14, 3:14] = True
+    expected[7:10, 7:10] = False
+    np.testing.assert_array_equal(edge, expected)
+
+
+def test_touching_instances_keep_their_shared_border() -> None:
+    left = square((16, 16), 4, 2, 12, 8)
+    right = square((16, 16), 4, 8, 12, 14)
+    edge = edge_map_method_b([left, right], (16, 16), 3)
+    assert edge[4:12, 7:9].all()  # columns 7 and 8 meet: both sides are edge
+    union = edge_map_method_b([left | right], (16, 16), 3)
+    assert not union[6:10, 7:9].any()  # the union alone has no edge there
+    np.testing.assert_array_equal(edge, union | edge_map_method_b([left], (16, 16), 3)
+                                  | edge_map_method_b([right], (16, 16), 3))
+
+
+def test_image_border_is_not_an_edge() -> None:
+    edge = edge_map_method_b([square((10, 12), 0, 0, 4, 12)], (10, 12), 3)
+    expected = np.zeros((10, 12), bool)
+    expected[3:5] = True  # only the inner boundary rows 3 (inside) and 4 (outside)
+    np.testing.assert_array_equal(edge, expected)
+    assert not edge_map_method_b([np.ones((5, 5), np.uint8)], (5, 5), 3).any()
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 7])
+def test_bbox_crop_equals_full_image_gradient(kernel_size: int) -> None:
+    rng = np.random.default_rng(kernel_size)
+    kernel = np.ones((kernel_size, kernel_size), np.uint8)
+    for _ in range(20):
+        shape = (int(rng.integers(8, 40)), int(rng.integers(8, 40)))
+        masks = []
+        for _ in range(3):
+            y, x = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+            h, w = rng.integers(1, 15, 2)
+            masks.append(square(shape, y, x, y + h, x + w) & (rng.random(shape) < 0.9))
+        full = np.zeros(shape, bool)
+        for m in masks:
+            full |= cv2.morphologyEx(m, cv2.MORPH_GRADIENT, kernel) > 0
+        np.testing.assert_array_equal(edge_map_method_b(masks, shape, kernel_size), full)
+
+
+def test_resize_marks_every_cell_touching_an_edge() -> None:
+    edge = edge_map_method_b([square((20, 20), 5, 5, 10, 10)], (20, 20), 3)
+    small = resize_edge_map(edge, 10)
+    assert small.dtype == np.uint8 and small.shape == (10, 10)
+    np.testing.assert_array_equal(small, edge.reshape(10, 2, 10, 2).any(axis=(1, 3)))
+    single = np.zeros((30, 30), bool)
+    single[29, 0] = True  # one pixel still shows up after a non-integer downscale
+    resized = resize_edge_map(single, 7)
+    assert resized[6, 0] == 1 and resized.sum() == 1
+
+
+def test_compute_fields_and_empty_annotations(tmp_path: Path) -> None:
+    shape = (24, 40)
+    image = write_item(tmp_path, "sa_1", [square(shape, 3, 3, 9, 30)], shape)
+    empty = write_item(tmp_path, "sa_2", [], shape)
+    fields = compute_image_edges(image, 3, (16, 8))
+    assert sorted(fields) == ["edge_16x16", "edge_8x8", "edge_flag", "edge_version"]
+    assert fields["edge_16x16"].dtype == np.uint8 and fields["edge_16x16"].shape == (16, 16)
+    assert set(np.unique(fields["edge_16x16"])) == {0, 1}
+    assert fields["edge_flag"] == 1 and str(fields["edge_version"]) == "B_v1"
+    zeros = compute_image_edges(empty, 3, (16, 8))
+    assert not zeros["edge_16x16"].any() and not zeros["edge_8x8"].any()
+    assert zeros["edge_flag"] == 1
+
+
+def params_for(tmp_path: Path, **overrides: object) -> EdgeParams:
+    values = {"sa1b": str(tmp_path / "sa1b"), "out": str(tmp_path / "edges"),
+              "sizes": [32, 8], "num_workers": 0, "batch_size": 4, **overrides}
+    return build_dataclass(EdgeParams, values, prefix=SECTION)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("kernel_size", 1), ("kernel_size", 4), ("kernel_size", "3"), ("sizes", []),
+    ("sizes", [64, 0]), ("sizes", [64, 64]), ("sizes", 64), ("sa1b", ""), ("max_failures", -1),
+])
+def test_bad_params_name_the_key(tmp_path: Path, key: str, value: object) -> None:
+    with pytest.raises(ParamError, match=rf"^{SECTION}\.{key}"):
+        params_for(tmp_path, **{key: value})
+
+
+def test_repository_params_section_is_valid() -> None:
+    _, params = load_stage_params(SECTION, EdgeParams,
+                                  Path(__file__).resolve().parents[1] / "params.yaml")
+    assert params.kernel_size == 3 and params.sizes == (256, 64, 32)
+
+
+def test_missing_input_folder_fails_before_work(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamError, match=rf"{SECTION}\.sa1b"):
+        run_edge_maps(params_for(tmp_path))
+    assert not (tmp_path / "edges").exists()
+
+
+def write_dataset(folder: Path) -> None:
+    shape = (48, 64)
+    a, b = square(shape, 5, 5, 20, 30), square(shape, 20, 5, 40, 30)
+    write_item(folder, "sa_1", [a, b], shape)
+    write_item(folder, "sa_2", [], shape)
+    write_item(folder, "sa_3", [], shape, [{"size": [48, 64], "counts": "garbage"}])
+    write_item(folder, "sa_4", [a], shape, [{"size": [48, 64], "counts": [3071, 1]}])
+    write_item(folder, "sa_5", [square((48, 60), 1, 1, 9, 9)], (48, 60))
+    (folder / "sa_5.png").unlink()
+    Image.new("RGB", (64, 48)).save(folder / "sa_5.png")  # JSON says 48x60, image is 48x64
+
+
+def test_stage_writes_edges_and_failures(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "sa1b")
+    result = run_edge_maps(params_for(tmp_path, max_failures=2))
+    out = tmp_path / "edges"
+    assert (result.items, result.records, result.failed) == (5, 3, 2)
+    assert sorted(p.name for p in out.glob("*.npz")) == [
+        "sa_1_edges.npz", "sa_2_edges.npz", "sa_4_edges.npz"]
+    with np.load(out / "sa_1_edges.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["edge_32x32", "edge_8x8", "edge_flag", "edge_version"]
+        assert z["edge_32x32"].dtype == np.uint8 and z["edge_32x32"].shape == (32, 32)
+        assert z["edge_32x32"].any() and z["edge_flag"] == 1
+        assert str(z["edge_version"]) == "B_v1"
+    with np.load(out / "sa_4_edges.npz", allow_pickle=False) as z:
+        assert z["edge_32x32"].sum() > 0  # uncompressed counts: one pixel at the last position
+    with np.load(out / "sa_2_edges.npz", allow_pickle=False) as z:
+        assert not z["edge_32x32"].any() and z["edge_flag"] == 1
+    rows = (out / "failures.tsv").read_text().splitlines()
+    failed = {r.split("\t")[1]: r.split("\t")[2] for r in rows[1:]}
+    assert failed == {"sa_3.png": "bad_rle", "sa_5.png": "size_mismatch"}
+    assert json.loads((tmp_path / "metrics" / f"{SECTION}.json").read_text())["failed"] == 2
+    assert json.loads((out / "provenance.json").read_text())["kernel_size"] == 3
+
+
+def test_failure_budget_raises_after_writing(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "sa1b")
+    with pytest.raises(TooManyFailures):
+        run_edge_maps(params_for(tmp_path, max_failures=1))
+    assert (tmp_path / "edges" / "sa_1_edges.npz").is_file()
+    assert (tmp_path / "edges" / "failures.tsv").is_file()
+
+
+def test_two_runs_are_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "sa1b")
+    first, second = tmp_path / "run1" / "edges", tmp_path / "run2" / "edges"
+    run_edge_maps(params_for(tmp_path, max_failures=2, out=str(first)))
+    run_edge_maps(params_for(tmp_path, max_failures=2, out=str(second), num_workers=2))
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    assert {"provenance.json", "failures.tsv", "sa_1_edges.npz"} <= set(names)
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
