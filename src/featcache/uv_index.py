@@ -19,6 +19,7 @@ Frames with a non-finite pose, a missing file or an all-zero depth map become ro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,7 +29,7 @@ import numpy as np
 
 from featcache import geometry, scannet
 from featcache.config import ParamError, as_dict, require
-from featcache.engine.types import EngineParams, Failure, Piece
+from featcache.engine.types import EngineParams, Failure, Piece, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -218,24 +219,30 @@ def check_inputs(params: UvIndexParams) -> None:
                          f"{params.scenes}")
 
 
-def build_uv_index(params: UvIndexParams) -> Path:
-    """Run the stage: write the npz folder ``params.out`` and ``metrics/build_uv_index.json``.
+def method_params(params: UvIndexParams) -> dict[str, object]:
+    """The params that determine the result (engine knobs such as ``num_workers`` excluded)."""
+    knobs = {f.name for f in dataclasses.fields(EngineParams)}
+    return {k: v for k, v in as_dict(params).items() if k not in knobs}
+
+
+def build_uv_index(params: UvIndexParams) -> RunResult:
+    """Run the stage: the npz folder ``params.out`` (with ``provenance.json`` and
+    ``failures.tsv``) and ``metrics/build_uv_index.json`` (relative to the working directory).
 
     Raises ``TooManyFailures`` (after writing) when more than ``max_failures`` frames failed.
     """
-    from featcache.engine import check_failures, run_job, write_metrics
-    from featcache.engine.scratch import file_signature
+    from featcache.engine import file_signature, finish_stage, run_job
 
     check_inputs(params)
     job = UvIndexJob(params)
     items = job.items()
-    provenance = {"params": as_dict(params), "conventions": geometry.__doc__}
-    fingerprint = {"params": as_dict(params), "inputs": file_signature(job.input_files(items))}
+    provenance = {"params": method_params(params), "conventions": geometry.__doc__}
+    fingerprint = {"params": method_params(params),
+                   "inputs": file_signature(job.input_files(items))}
     result = run_job(job, None, stage=STAGE, out=params.out, writer="npz",
                      provenance=provenance, fingerprint=fingerprint, params=params)
     metrics = summarise(Path(params.out))
-    log.info("%s: %d frames, max re-projection error %.4f px", STAGE, metrics["frames"],
-             metrics["reprojection_max_px"])
-    write_metrics(STAGE, [result], extra=metrics)
-    check_failures([result], params.max_failures)
-    return Path(params.out)
+    log.info("%s: %d frames written, %d failed, max re-projection error %.2e px", STAGE,
+             result.records, result.failed, metrics["reprojection_max_px"])
+    finish_stage(STAGE, params.out, [result], params.max_failures, extra=metrics)
+    return result

@@ -1,0 +1,19 @@
+"""Stage build_uv_index: where each ScanNet point lands in each selected colour frame.
+
+Reads the ``build_uv_index`` section of params.yaml and writes ``<out>/<scene>/frame_<idx>.npz``
+per frame (see :mod:`featcache.uv_index`), ``<out>/failures.tsv`` and
+``metrics/build_uv_index.json`` (with ``reprojection_max_px``).
+"""
+
+from featcache.config import load_stage_params
+from featcache.stage import run_stage
+from featcache.uv_index import STAGE, UvIndexParams, build_uv_index
+
+
+def main() -> None:
+    _, params = load_stage_params(STAGE, UvIndexParams)
+    build_uv_index(params)
+
+
+if __name__ == "__main__":
+    run_stage(main)
