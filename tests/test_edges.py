@@ -133,6 +133,7 @@ def params_for(tmp_path: Path, **overrides: object) -> EdgeParams:
 @pytest.mark.parametrize("key, value", [
     ("kernel_size", 1), ("kernel_size", 4), ("kernel_size", "3"), ("sizes", []),
     ("sizes", [64, 0]), ("sizes", [64, 64]), ("sizes", 64), ("sa1b", ""), ("max_failures", -1),
+    ("compression", "lzf"),
 ])
 def test_bad_params_name_the_key(tmp_path: Path, key: str, value: object) -> None:
     with pytest.raises(ParamError, match=rf"^{SECTION}\.{key}"):
@@ -211,3 +212,19 @@ def test_two_runs_are_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert {"provenance.json", "failures.tsv", "sa_1_edges.npz"} <= set(names)
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_compression_changes_size_not_values(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "sa1b")
+    packed, raw = tmp_path / "gzip", tmp_path / "none"
+    run_edge_maps(params_for(tmp_path, max_failures=2, out=str(packed), sizes=[256, 64]))
+    run_edge_maps(params_for(tmp_path, max_failures=2, out=str(raw), sizes=[256, 64],
+                             compression="none"))
+    for name in ("sa_1_edges.npz", "sa_2_edges.npz"):
+        assert (packed / name).stat().st_size < (raw / name).stat().st_size / 5
+        with np.load(packed / name) as a, np.load(raw / name) as b:
+            assert a.files == b.files
+            for key in a.files:
+                np.testing.assert_array_equal(a[key], b[key])

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -39,13 +40,16 @@ class EdgeParams(EngineParams):
 
     ``sa1b``: folder of ``sa_<n>.jpg`` + ``sa_<n>.json``; ``out``: folder of ``<stem>_edges.npz``;
     ``kernel_size``: odd, >= 3 (1 gives no edge at all, an even kernel is not centred on the
-    pixel and shifts the edge by half a pixel); ``sizes``: output side lengths, unique.
+    pixel and shifts the edge by half a pixel); ``sizes``: output side lengths, unique;
+    ``compression``: ``gzip`` deflates the NPZ entries (0/1 maps shrink 10-30x for < 1 ms per
+    image; ``np.load`` reads both kinds), ``none`` stores them raw.
     """
 
     sa1b: str
     out: str
     kernel_size: int = 3
     sizes: tuple[int, ...] = (256, 64, 32)
+    compression: Literal["none", "gzip"] = "gzip"
 
     def validate(self) -> None:
         super().validate()
@@ -174,6 +178,7 @@ def edge_provenance(params: EdgeParams) -> dict[str, object]:
     return {
         "method": "B", "edge_version": EDGE_VERSION, "sa1b": params.sa1b,
         "kernel_size": params.kernel_size, "sizes": list(params.sizes),
+        "compression": params.compression,
         "edge": "OR over instances of cv2.morphologyEx(mask, MORPH_GRADIENT, "
                 "ones((kernel_size, kernel_size), uint8)) > 0",
         "resize": "cv2.resize(edge.astype(float32), (s, s), INTER_AREA) > 0 -> uint8",
@@ -196,7 +201,8 @@ def run_edge_maps(params: EdgeParams) -> RunResult:
     fingerprint = {"params": method,
                    "inputs": file_signature(images + [json_path_for(p) for p in images])}
     result = run_job(job, None, stage=STAGE, out=params.out, writer="npz",
-                     writer_options=WriterOptions(suffix=OUTPUT_SUFFIX),
+                     writer_options=WriterOptions(compression=params.compression,
+                                                  suffix=OUTPUT_SUFFIX),
                      provenance=edge_provenance(params), fingerprint=fingerprint, params=params)
     log.info("%s: %d images, %d written, %d failed", STAGE, result.items, result.records,
              result.failed)
