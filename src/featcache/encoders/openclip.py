@@ -1,0 +1,241 @@
+"""open_clip image towers (CLIP ViTs, SigLIP via timm, any open_clip model name).
+
+One forward pass gives both outputs, through the tower's own ``forward_intermediates``:
+
+- ``pooled`` ``[B, D]``: exactly ``model.encode_image(x)`` (unnormalised; D = ``embed_dim``,
+  512 for ViT-B-16, 768 for ViT-B-16-SigLIP);
+- ``grid`` ``[B, width, h, w]``: the tokens of block ``spec.layer`` (the last by default) after
+  the tower's final norm (``ln_post`` for open_clip ViTs, ``trunk.norm`` for timm towers), prefix
+  tokens (CLS, registers) removed. The tokens are NOT passed through ``proj``, so the width is the
+  transformer width (768 for ViT-B-16, 1024 for ViT-L-14), not ``embed_dim``. Pooling the grid
+  (e.g. to 7x7) is the stage's business.
+
+Preprocessing is the one open_clip attaches to the weights' tag (``mean``/``std``,
+``interpolation``, ``resize_mode``: ``shortest`` -> ``shortest_crop``, ``squash``); with
+``weights: random`` or a file path it is the one of the model's default tag, so switching
+between random and pretrained weights changes nothing but the weights.
+
+Tiny models for tests (random weights, no network), registered on first use:
+``featcache-tiny-vit`` (open_clip ViT, 2 blocks, width 64, patch 16, 224 -> 14x14 grid, pooled
+32) and ``featcache-tiny-siglip`` (timm ``test_vit3``: no CLS, 1 register token, attention-pool
+head, width 96, patch 16, 160 -> 10x10 grid, pooled 96, SigLIP preprocessing).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from featcache.config import ParamError
+from featcache.encoders import weights as W
+from featcache.encoders.base import Encoder, EncoderOutput, EncoderSpec, finish_module
+
+log = logging.getLogger(__name__)
+
+TINY_CONFIG_DIR = Path(__file__).parent / "tiny_configs"
+TINY_VIT = "featcache-tiny-vit"
+TINY_SIGLIP = "featcache-tiny-siglip"
+_TINY_PREPROCESS = {TINY_SIGLIP: dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                      interpolation="bicubic", resize_mode="squash")}
+_TIMM_TEST_PATCH = {"test_vit": 16, "test_vit2": 16, "test_vit3": 16, "test_vit4": 16}
+_CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                     "open_clip_pytorch_model.bin")
+
+
+def register_tiny_models() -> None:
+    """Make ``featcache-tiny-vit`` and ``featcache-tiny-siglip`` known to open_clip
+    (idempotent; called by :func:`resolve_openclip_spec` and :func:`load_openclip`)."""
+    import open_clip
+
+    if TINY_VIT not in open_clip.list_models():
+        open_clip.add_model_config(TINY_CONFIG_DIR)
+
+
+def model_config(name: str, key: str = "model") -> dict[str, Any]:
+    """open_clip's architecture config of ``name``; unknown -> ParamError with close matches."""
+    import open_clip
+
+    register_tiny_models()
+    cfg = open_clip.get_model_config(name) if ":" not in name else None
+    if cfg is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise ParamError(f"{key}: unknown open_clip model {name!r}{hint} "
+                         f"(open_clip.list_models() lists all)")
+    return cfg
+
+
+def default_tag(name: str) -> str | None:
+    """open_clip's default pretrained tag for ``name`` (its first listed), or None."""
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    return tags[0] if tags else None
+
+
+def resolve_tag(name: str, weights: str, key: str = "weights") -> str | None:
+    """The pretrained tag ``weights`` stands for (None for random or a file path)."""
+    import open_clip
+
+    if W.is_random(weights) or W.looks_like_path(weights):
+        return None
+    tag = default_tag(name) if weights == W.PRETRAINED else weights
+    if tag is None:
+        raise ParamError(f"{key}: open_clip has no pretrained weights for {name!r}; "
+                         f"use random or a checkpoint path")
+    if not open_clip.get_pretrained_cfg(name, tag):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise ParamError(f"{key}: {weights!r} is neither a file nor an open_clip tag of "
+                         f"{name!r}; its tags: {tags}")
+    return tag
+
+
+def preprocess_cfg(name: str, tag: str | None) -> dict[str, Any]:
+    """mean/std/interpolation/resize_mode open_clip uses with ``tag`` (default tag if None)."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    if name in _TINY_PREPROCESS:
+        return dict(_TINY_PREPROCESS[name])
+    tag = tag or default_tag(name)
+    pcfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
+    return merge_preprocess_dict(PreprocessCfg(), pcfg)
+
+
+def patch_size(vision_cfg: dict[str, Any]) -> int:
+    """Stride of the grid in input pixels (32 for CNN towers)."""
+    if "patch_size" in vision_cfg:
+        return int(vision_cfg["patch_size"])
+    timm_name = vision_cfg.get("timm_model_name", "")
+    m = re.search(r"patch(\d+)", timm_name)
+    if m:
+        return int(m.group(1))
+    return _TIMM_TEST_PATCH.get(timm_name, 32)
+
+
+def resolve_openclip_spec(name: str, *, weights: str, seed: int = 0,
+                          image_size: int | None = None, resize: str | None = None,
+                          key: str = "model") -> EncoderSpec:
+    """Spec of an open_clip image tower, without building it."""
+    cfg = model_config(name, key)
+    if W.looks_like_path(weights) and not Path(weights).expanduser().exists():
+        raise ParamError(f"weights: checkpoint file not found: {weights}")
+    pcfg = preprocess_cfg(name, resolve_tag(name, weights))
+    size = image_size or cfg["vision_cfg"].get("image_size", 224)
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return EncoderSpec(
+        family="open_clip", name=name, weights=weights, input_size=hw,
+        resize=resize or ("squash" if pcfg["resize_mode"] == "squash" else "shortest_crop"),
+        mean=tuple(float(v) for v in pcfg["mean"]), std=tuple(float(v) for v in pcfg["std"]),
+        interpolation="bilinear" if pcfg["interpolation"] == "bilinear" else "bicubic",
+        patch_size=patch_size(cfg["vision_cfg"]), seed=seed)
+
+
+class OpenClipEncoder(Encoder):
+    """open_clip image tower; see the module docstring for what ``grid``/``pooled`` are."""
+
+    library = "open_clip_torch"
+    notes = ("pooled = model.encode_image(x), unnormalised; grid = patch tokens of the chosen "
+             "block after the tower's final norm (ln_post / trunk.norm), NOT projected by proj, "
+             "prefix tokens removed")
+
+    def __init__(self, spec: EncoderSpec, weights_id: str, visual: torch.nn.Module) -> None:
+        super().__init__(spec, weights_id)
+        self.visual = visual
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        """``x [B,3,H,W] float32`` -> grid ``[B, width, H/p, W/p]``, pooled ``[B, D]``."""
+        out = self.visual.forward_intermediates(
+            x, indices=[self.spec.layer], normalize_intermediates=True, output_fmt="NCHW")
+        return EncoderOutput(grid=out["image_intermediates"][0], pooled=out["image_features"])
+
+
+def load_openclip(spec: EncoderSpec, device: torch.device | str = "cpu") -> OpenClipEncoder:
+    """Build the image tower once and load its weights (see :mod:`.weights`)."""
+    import open_clip
+
+    register_tiny_models()
+    tag = resolve_tag(spec.name, spec.weights)
+    tag_cfg = open_clip.get_pretrained_cfg(spec.name, tag) if tag else {}
+    W.seed_everything(spec.seed)
+    model = open_clip.create_model(
+        spec.name, pretrained=None, force_image_size=_forced_size(spec),
+        force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+    if W.is_random(spec.weights):
+        W.warn_random(f"open_clip {spec.name}", spec.seed)
+        weights_id = W.random_weights_id(spec.seed)
+    else:
+        path = (Path(spec.weights).expanduser() if tag is None
+                else locate_openclip(spec.name, tag, tag_cfg))
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        weights_id = W.sha256_path(path) if tag is None else tag
+    visual = finish_module(model.visual, device)
+    del model
+    return OpenClipEncoder(spec, weights_id, visual)
+
+
+def _forced_size(spec: EncoderSpec) -> tuple[int, int] | int | None:
+    size = model_config(spec.name)["vision_cfg"].get("image_size", 224)
+    default = (size, size) if isinstance(size, int) else tuple(size)
+    return None if tuple(default) == spec.input_size else spec.input_size
+
+
+def local_weight_files(name: str, tag: str) -> list[Path]:
+    """Where ``data/weights`` may hold the checkpoint of ``name``/``tag``:
+    ``<dir>/<model>/<tag>/<file>``, and ``<dir>/<model>/<file>`` for the default tag."""
+    root = W.weights_dir() / name
+    folders = [root / tag] + ([root] if tag == default_tag(name) else [])
+    return [folder / f for folder in folders for f in _CHECKPOINT_NAMES]
+
+
+def locate_openclip(name: str, tag: str, tag_cfg: dict[str, Any]) -> Path:
+    """Checkpoint file of an open_clip tag: data/weights, HF/URL cache, then download."""
+    repo, filename = _hf_location(tag_cfg)
+    url = tag_cfg.get("url", "")
+
+    def cached() -> Path | None:
+        if repo:
+            for f in _hf_candidates(filename):
+                if (found := W.hf_cached_file(repo, f)) is not None:
+                    return found
+        url_file = Path("~/.cache/clip").expanduser() / Path(url).name if url else None
+        return url_file if url_file is not None and url_file.is_file() else None
+
+    def download() -> Path:
+        if not repo:
+            return W.url_download(url)
+        *safer, last = _hf_candidates(filename)
+        for f in safer:
+            try:
+                return W.hf_download(repo, f)
+            except Exception as e:  # the repo may only hold the .bin
+                log.debug("no %s in %s: %s", f, repo, e)
+        return W.hf_download(repo, last)
+
+    how = (f"Put {_CHECKPOINT_NAMES[0]} or {_CHECKPOINT_NAMES[2]} in "
+           f"{W.weights_dir() / name / tag}/ or set weights: /path/to/checkpoint")
+    return W.locate_weights(f"open_clip {name} (tag {tag})", local_weight_files(name, tag),
+                            cached, download, how)
+
+
+def _hf_location(tag_cfg: dict[str, Any]) -> tuple[str, str]:
+    hub = tag_cfg.get("hf_hub", "")
+    if not hub:
+        return "", ""
+    repo, filename = hub.rstrip("/"), _CHECKPOINT_NAMES[2]
+    if not hub.endswith("/"):
+        repo, filename = hub.rsplit("/", 1)
+    return repo, filename
+
+
+def _hf_candidates(filename: str) -> list[str]:
+    """open_clip prefers the safetensors twin of a ``.bin`` file."""
+    if filename == _CHECKPOINT_NAMES[2]:
+        return [_CHECKPOINT_NAMES[0], filename]
+    return [filename[:-4] + ".safetensors", filename] if filename.endswith((".bin", ".pth")) \
+        else [filename]

@@ -1,0 +1,138 @@
+"""Model-input preprocessing built from an :class:`EncoderSpec` alone (no model needed).
+
+:class:`Preprocessor` is small and picklable, so it runs inside DataLoader workers. It reproduces
+the upstream eval transforms exactly, with every setting explicit (no hidden 256-resize /
+224-crop as in transformers' DINOv2 processor):
+
+- open_clip and DINOv2: torchvision on PIL images, i.e. ``PIL.Image.resize`` (antialiased) with
+  the spec's interpolation, then centre crop (``shortest_crop``) or nothing (``squash``), then
+  ``ToTensor`` and ``Normalize``. Equal to ``open_clip.image_transform`` for the same settings.
+- SAM2: as ``sam2.utils.transforms.SAM2Transforms``: ``ToTensor`` first, then a float tensor
+  resize to the square input (bilinear, antialiased), then ``Normalize``.
+
+Coordinates (:class:`ResizeGeometry`): x right, y down, in pixels of the original image, with
+pixel ``i`` covering ``[i, i+1)`` (its centre at ``i + 0.5``). A point maps into the model input
+as ``x_in = (x + 0.5) * scale_x - offset_x - 0.5`` (same for y), where ``scale`` is
+resized/original size and ``offset`` the centre-crop origin in the resized image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from featcache.encoders.base import EncoderSpec
+
+_PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+@dataclass(frozen=True)
+class ResizeGeometry:
+    """How original pixel coordinates map into the model input (see the module docstring)."""
+
+    scale_x: float
+    scale_y: float
+    offset_x: int
+    offset_y: int
+    resized_width: int    # size after resizing, before the crop
+    resized_height: int
+
+    def to_input(self, x: np.ndarray | float, y: np.ndarray | float,
+                 ) -> tuple[np.ndarray | float, np.ndarray | float]:
+        """Original-image pixel coordinates -> model-input pixel coordinates (same convention:
+        integer + 0.5 is a pixel centre only after adding back the 0.5)."""
+        return ((x + 0.5) * self.scale_x - self.offset_x - 0.5,
+                (y + 0.5) * self.scale_y - self.offset_y - 0.5)
+
+    def to_original(self, x_in: np.ndarray | float, y_in: np.ndarray | float,
+                    ) -> tuple[np.ndarray | float, np.ndarray | float]:
+        """Inverse of :meth:`to_input`."""
+        return ((x_in + 0.5 + self.offset_x) / self.scale_x - 0.5,
+                (y_in + 0.5 + self.offset_y) / self.scale_y - 0.5)
+
+
+def resized_size(height: int, width: int, spec: EncoderSpec) -> tuple[int, int]:
+    """``(h, w)`` after the resize step, before any crop (torchvision's rule for ``Resize(int)``:
+    the short side becomes the input size, the long side ``int(size * long / short)``)."""
+    out_h, out_w = spec.input_size
+    if spec.resize == "squash":
+        return out_h, out_w
+    if out_h != out_w:
+        raise ValueError(f"shortest_crop needs a square input size, got {spec.input_size}")
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(out_h * long / short)
+    return (new_long, out_h) if width <= height else (out_h, new_long)
+
+
+class Preprocessor:
+    """``(H, W, 3) uint8 RGB -> [3, H_in, W_in] float32`` normalised model input.
+
+    Raises ``ValueError`` on anything but a non-empty ``uint8`` RGB array, so a bad item becomes
+    a failure record instead of a wrong feature.
+    """
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, rgb: np.ndarray) -> torch.Tensor:
+        check_rgb(rgb)
+        if self.spec.family == "sam2":
+            x = self._resize_tensor(rgb)
+        else:
+            x = self._resize_pil(rgb)
+        mean = torch.tensor(self.spec.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.spec.std, dtype=torch.float32).view(3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def geometry(self, height: int, width: int) -> ResizeGeometry:
+        """Mapping of an ``height x width`` original image into the model input."""
+        new_h, new_w = resized_size(height, width, self.spec)
+        out_h, out_w = self.spec.input_size
+        return ResizeGeometry(
+            scale_x=new_w / width, scale_y=new_h / height,
+            offset_x=int(round((new_w - out_w) / 2.0)),
+            offset_y=int(round((new_h - out_h) / 2.0)),
+            resized_width=new_w, resized_height=new_h)
+
+    def _resize_pil(self, rgb: np.ndarray) -> torch.Tensor:
+        height, width = rgb.shape[:2]
+        geo = self.geometry(height, width)
+        img = Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
+        if (geo.resized_height, geo.resized_width) != (height, width):
+            img = img.resize((geo.resized_width, geo.resized_height),
+                             _PIL_RESAMPLE[self.spec.interpolation])
+        out_h, out_w = self.spec.input_size
+        if (out_h, out_w) != (geo.resized_height, geo.resized_width):
+            img = img.crop((geo.offset_x, geo.offset_y,
+                            geo.offset_x + out_w, geo.offset_y + out_h))
+        return to_tensor(np.asarray(img))
+
+    def _resize_tensor(self, rgb: np.ndarray) -> torch.Tensor:
+        x = to_tensor(rgb)
+        if tuple(x.shape[1:]) == self.spec.input_size:
+            return x
+        x = torch.nn.functional.interpolate(
+            x[None], size=self.spec.input_size, mode=self.spec.interpolation,
+            align_corners=False, antialias=True)[0]
+        return x
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3) uint8 -> [3, H, W] float32`` in ``[0, 1]`` (as torchvision's ``ToTensor``)."""
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True))
+    return x.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+
+
+def check_rgb(rgb: np.ndarray) -> None:
+    """Raise ``ValueError`` unless ``rgb`` is a non-empty ``(H, W, 3) uint8`` array."""
+    if not isinstance(rgb, np.ndarray):
+        raise ValueError(f"expected a numpy array, got {type(rgb).__name__}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB array, got shape {rgb.shape}")
+    if rgb.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {rgb.dtype}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"empty image of shape {rgb.shape}")
