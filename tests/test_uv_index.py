@@ -243,3 +243,36 @@ def test_truncated_ply_is_an_error(tmp_path):
 def test_bad_params_name_the_key(tmp_path, key, value):
     with pytest.raises(ParamError, match=f"build_uv_index.{key}"):
         make_params(tmp_path, tmp_path, **{key: value})
+
+
+def test_stage_writes_frames_failures_and_metrics(scannet_root, tmp_path, monkeypatch):
+    import json
+
+    from featcache.uv_index import build_uv_index
+
+    monkeypatch.chdir(tmp_path)
+    params = make_params(scannet_root, tmp_path, max_failures=0.5)
+    result = build_uv_index(params)
+    out = tmp_path / "uv"
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npz"))
+    assert written == [f"scene0000_00/frame_{i:06d}.npz" for i in (0, 1, 2, 10)] + [
+        "scene0001_00/frame_000000.npz", "scene0001_00/frame_000001.npz"]
+    assert result.failed == 4
+    rows = (out / "failures.tsv").read_text().splitlines()[1:]
+    assert sorted(r.split("\t")[2] for r in rows) == ["bad_pose", "empty_depth", "missing_file",
+                                                      "missing_scene"]
+    metrics = json.loads((tmp_path / "metrics" / "build_uv_index.json").read_text())
+    assert metrics["frames"] == 6 and 0 <= metrics["reprojection_max_px"] < 1.0
+    assert 0 < metrics["visible_of_valid_mean"] < 1
+    with np.load(out / "scene0001_00" / "frame_000001.npz") as npz:
+        assert set(npz.files) >= {"uv_idx", "valid", "depth", "conf_2d"}
+        assert npz["uv_idx"].shape == (len(scene_points()), 2)
+
+
+def test_stage_bad_scannet_path_fails_before_work(tmp_path, monkeypatch):
+    from featcache.uv_index import build_uv_index
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamError, match="build_uv_index.scannet"):
+        build_uv_index(make_params(tmp_path / "nowhere", tmp_path))
+    assert not (tmp_path / "uv").exists()
