@@ -97,6 +97,8 @@ def test_bbox_crop_equals_full_image_gradient(kernel_size: int) -> None:
         for m in masks:
             full |= cv2.morphologyEx(m, cv2.MORPH_GRADIENT, kernel) > 0
         np.testing.assert_array_equal(edge_map_method_b(masks, shape, kernel_size), full)
+        fortran = [np.asfortranarray(m) for m in masks]  # how pycocotools returns masks
+        np.testing.assert_array_equal(edge_map_method_b(fortran, shape, kernel_size), full)
 
 
 def test_resize_marks_every_cell_touching_an_edge() -> None:

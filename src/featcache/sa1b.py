@@ -134,11 +134,12 @@ def iter_instance_masks(record: Sa1bRecord) -> Iterator[np.ndarray]:
 
 
 def decode_rle(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """Decode an RLE ``{size: [h, w], counts}`` to a ``(h, w)`` uint8 0/1 mask (row-major array).
+    """Decode an RLE ``{size: [h, w], counts}`` to a ``(h, w)`` uint8 0/1 mask ``[row, col]``.
 
     ``counts`` may be COCO's compressed string or an uncompressed list of run lengths. Raises
     :class:`Sa1bError`: ``size_mismatch`` if ``size`` is not ``[height, width]``, ``bad_rle`` if
-    the RLE is malformed or its runs do not cover exactly ``h*w`` pixels.
+    the RLE is malformed or its runs do not cover exactly ``h*w`` pixels. The array's memory is
+    Fortran-ordered (``np.ascontiguousarray`` it for code that needs C order).
     """
     from pycocotools import mask as mask_utils
 
@@ -160,7 +161,8 @@ def decode_rle(segmentation: Any, height: int, width: int) -> np.ndarray:
     else:
         raise Sa1bError("bad_rle", f"RLE counts must be a string or a list, got "
                                    f"{type(counts).__name__}")
-    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+    # Column-major like the RLE itself: a C-order copy would cost more than the decode.
+    return mask_utils.decode(rle)
 
 
 def _int_runs(counts: list[Any]) -> list[int]:
