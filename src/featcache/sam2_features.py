@@ -1,0 +1,228 @@
+"""SAM2 / SAM2.1 image-encoder features per image (stage ``extract_sam2``).
+
+Input: a flat folder of images (SA-1B style, ``sa_<n>.jpg`` beside ``sa_<n>.json``, or any image
+folder; JSON files are not read, so the stage depends on the images only). Each image is decoded
+by :func:`featcache.images.load_image` (EXIF orientation applied, alpha ignored as PIL's
+``convert("RGB")`` does), squashed to the encoder's square input (1024) by SAM2's own transform
+and encoded in batches across images; any size and aspect ratio works.
+
+Output per image ``<out>/<stem>_features.npz`` (the seed's keys):
+
+- ``P4_S16``: ``backbone_fpn[2]``, ``(256, 64, 64)``, stride 16;
+- ``P5_S32``: ``backbone_fpn[3]``, ``(256, 32, 32)``, stride 32 (the encoder is built with
+  ``scalp=0``; the official configs' ``scalp: 1`` drops this level, P4 is the same either way);
+- ``IMAGE_EMB_S16``: a copy of ``P4_S16`` (compatibility key of the seed);
+- ``feature_flag``: int64 scalar ``1``.
+
+Float maps are stored in ``dtype`` (fp16 by default, or fp32); rows are ``y`` (down), columns
+``x`` (right) of the squashed input. These are the raw ``backbone_fpn`` levels: SAM2's predictor
+applies ``conv_s0``/``conv_s1`` and ``no_mem_embed`` on top, the cache does not (recorded in
+``<out>/provenance.json``). A file that cannot be decoded is a ``failures.tsv`` row, never a file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from featcache.config import ParamError, SharedParams, as_dict, require
+from featcache.engine.types import Batch, EngineParams, Failure, Piece, RunResult
+from featcache.images import ImageDecodeError, list_images, load_image
+
+if TYPE_CHECKING:
+    import torch
+
+    from featcache.encoders import Encoder, Preprocessor
+
+log = logging.getLogger(__name__)
+
+STAGE = "extract_sam2"
+OUTPUT_SUFFIX = "_features"
+FEATURE_FLAG = 1
+LEVEL_SHAPES = {"P4_S16": (256, 64, 64), "P5_S32": (256, 32, 32)}  # at the 1024 input
+_ENGINE_KNOBS = frozenset(f.name for f in fields(EngineParams))  # never change the result
+
+
+def known_configs() -> tuple[str, ...]:
+    """SAM2 configs the encoder can build (``sam2.1_hiera_t`` ... ``sam2_hiera_l``)."""
+    from featcache.encoders.sam2 import CONFIGS
+
+    return CONFIGS
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sam2Params(EngineParams):
+    """The ``extract_sam2`` section of params.yaml.
+
+    ``images``: folder of images; ``out``: folder of ``<stem>_features.npz``; ``config``: SAM2
+    config name (``sam2.1_hiera_t``, ``sam2.1_hiera_b+``, ...); ``dtype``: storage dtype of the
+    float maps. The weights and seed are the shared top-level ``weights`` and ``seed``.
+    """
+
+    images: str
+    out: str
+    config: str = "sam2.1_hiera_t"
+    dtype: Literal["fp16", "fp32"] = "fp16"
+
+    def validate(self) -> None:
+        super().validate()
+        require(bool(self.images.strip()), "images", "must name the folder of images")
+        require(bool(self.out.strip()), "out", "must name the output folder")
+        configs = known_configs()
+        require(self.config in configs, "config",
+                f"unknown SAM2 config {self.config!r}; known: {', '.join(configs)}")
+
+
+@dataclass(frozen=True)
+class Sam2Job:
+    """Engine job: one item per image file name in ``folder``, one piece per image.
+
+    ``duplicates`` maps an image name to the earlier image with the same stem (a failure: both
+    would write ``<stem>_features.npz``). Picklable: holds the preprocessor, never the model.
+    """
+
+    folder: Path
+    images: tuple[str, ...]
+    duplicates: Mapping[str, str]
+    preprocess: Preprocessor
+
+    def items(self) -> list[str]:
+        return list(self.images)
+
+    def load(self, item: str) -> list[Piece | Failure]:
+        """Decode and preprocess one image: a piece with ``tensor [3, S, S] float32``."""
+        if item in self.duplicates:
+            return [Failure(item, "duplicate_stem",
+                            f"same stem as {self.duplicates[item]}, which is written instead")]
+        try:
+            rgb = load_image(self.folder / item).rgb
+        except ImageDecodeError as e:
+            return [Failure(item, "bad_image", e.reason)]
+        return [Piece(key=Path(item).stem, tensor=self.preprocess(rgb))]
+
+
+def find_duplicate_stems(names: list[str]) -> dict[str, str]:
+    """Map each file name whose stem appeared earlier in ``names`` to that earlier name."""
+    first: dict[str, str] = {}
+    dupes: dict[str, str] = {}
+    for name in names:
+        stem = Path(name).stem
+        if stem in first:
+            dupes[name] = first[stem]
+        else:
+            first[stem] = name
+    return dupes
+
+
+def build_sam2_job(params: Sam2Params, preprocess: Preprocessor) -> Sam2Job:
+    """List ``params.images`` once; raises :class:`ParamError` if it is not a folder."""
+    folder = Path(params.images)
+    if not folder.is_dir():
+        raise ParamError(f"{STAGE}.images: folder not found: {folder}")
+    names = [p.name for p in list_images(folder)]
+    if not names:
+        log.warning("no images in %s", folder)
+    return Sam2Job(folder, tuple(names), find_duplicate_stems(names), preprocess)
+
+
+def compute_precision(device: torch.device, dtype: str) -> Literal["fp16", "fp32"]:
+    """fp16 autocast on CUDA when fp16 is stored (never coarser than the storage, unlike bf16);
+    fp32 otherwise (CPU autocast would be slower and less precise)."""
+    return "fp16" if device.type == "cuda" and dtype == "fp16" else "fp32"
+
+
+class Sam2Compute:
+    """Batch of preprocessed images -> the fields of ``<stem>_features.npz``, on the CPU.
+
+    Runs the encoder under :func:`autocast_for` with ``precision`` (see
+    :func:`compute_precision`).
+    """
+
+    def __init__(self, encoder: Encoder, device: torch.device,
+                 precision: Literal["fp16", "fp32"]) -> None:
+        self.encoder, self.device, self.precision = encoder, device, precision
+
+    def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
+        from featcache.engine.inference import autocast_for
+
+        x = batch.inputs.to(self.device, non_blocking=True)
+        with autocast_for(self.device, self.precision):
+            levels = self.encoder(x).levels
+        return feature_fields({k: levels[k].float().cpu().numpy() for k in LEVEL_SHAPES},
+                              self.encoder.spec.input_size[0])
+
+
+def feature_fields(levels: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """``{"P4_S16": [B,256,S/16,S/16], "P5_S32": [B,256,S/32,S/32]}`` float32 -> the output
+    fields (``IMAGE_EMB_S16`` = P4, ``feature_flag`` int64 ``[B]`` of ones).
+
+    Raises ``RuntimeError`` if a level is missing or mis-shaped (an encoder built with
+    ``scalp=1`` has no P5): a wrong build must stop the run, not write wrong files.
+    """
+    for name, stride in (("P4_S16", 16), ("P5_S32", 32)):
+        arr = levels.get(name)
+        want = (256, size // stride, size // stride)
+        if arr is None or arr.ndim != 4 or tuple(arr.shape[1:]) != want:
+            got = None if arr is None else tuple(arr.shape)
+            raise RuntimeError(f"SAM2 encoder level {name}: expected [B, *{want}], got {got}")
+    p4, p5 = levels["P4_S16"], levels["P5_S32"]
+    flag = np.full(len(p4), FEATURE_FLAG, dtype=np.int64)
+    return {"P4_S16": p4, "P5_S32": p5, "IMAGE_EMB_S16": p4, "feature_flag": flag}
+
+
+def sam2_provenance(encoder: Encoder, params: Sam2Params, precision: str) -> dict[str, Any]:
+    """``<out>/provenance.json``: the encoder's provenance plus what each key is."""
+    return {
+        **encoder.provenance(),
+        "config": params.config, "images": params.images, "dtype": params.dtype,
+        "compute_precision": precision,
+        "keys": {
+            "P4_S16": "image_encoder(x)['backbone_fpn'][2], (256, S/16, S/16)",
+            "P5_S32": "image_encoder(x)['backbone_fpn'][3], (256, S/32, S/32), built with scalp=0",
+            "IMAGE_EMB_S16": "copy of P4_S16 (compatibility key)",
+            "feature_flag": "int64 1",
+        },
+        "raw_levels": "raw backbone_fpn levels: SAM2's conv_s0/conv_s1 (mask decoder) and "
+                      "no_mem_embed are NOT applied",
+        "input": "load_image RGB (EXIF applied, alpha ignored), squashed to S x S "
+                 "as SAM2Transforms (bilinear, antialiased), ImageNet mean/std",
+    }
+
+
+def extract_sam2(shared: SharedParams, params: Sam2Params) -> RunResult:
+    """Write ``<out>/<stem>_features.npz`` for every image of ``params.images``.
+
+    Also writes ``<out>/provenance.json``, ``<out>/failures.tsv`` and
+    ``metrics/extract_sam2.json`` (relative to the working directory), then raises
+    ``TooManyFailures`` if more than ``max_failures`` images failed. Every parameter problem
+    (config, weights, device, images folder) raises :class:`ParamError` before the model is
+    built. Resumes an interrupted run with the same params, weights and inputs.
+    """
+    from featcache.encoders import Preprocessor, load_encoder, resolve_device, resolve_spec
+    from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
+
+    spec = resolve_spec("sam2", params.config, weights=shared.weights, seed=shared.seed,
+                        key=f"{STAGE}.config")
+    device = resolve_device(shared.device)
+    job = build_sam2_job(params, Preprocessor(spec))
+    encoder = load_encoder(spec, device)
+    precision = compute_precision(device, params.dtype)
+    method = {k: v for k, v in as_dict(params).items() if k not in _ENGINE_KNOBS}
+    fingerprint = {"params": method, "spec": spec.to_dict(), "weights_id": encoder.weights_id,
+                   "device": device.type, "precision": precision,
+                   "inputs": file_signature(job.folder / name for name in job.images)}
+    result = run_job(job, Sam2Compute(encoder, device, precision), stage=STAGE,
+                     out=params.out, writer="npz",
+                     writer_options=WriterOptions(dtype=params.dtype, suffix=OUTPUT_SUFFIX),
+                     provenance=sam2_provenance(encoder, params, precision),
+                     fingerprint=fingerprint,
+                     params=params, device=device)
+    log.info("%s: %d images, %d written, %d failed", STAGE, result.items, result.records,
+             result.failed)
+    finish_stage(STAGE, params.out, [result], params.max_failures)
+    return result

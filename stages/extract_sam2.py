@@ -1,0 +1,19 @@
+"""Stage extract_sam2: SAM2 image-encoder features (P4/P5) per image.
+
+Reads the ``extract_sam2`` section of params.yaml plus the shared ``weights``, ``seed`` and
+``device``, and writes ``<out>/<stem>_features.npz`` per image (see
+:mod:`featcache.sam2_features`).
+"""
+
+from featcache.config import load_stage_params
+from featcache.sam2_features import STAGE, Sam2Params, extract_sam2
+from featcache.stage import run_stage
+
+
+def main() -> None:
+    shared, params = load_stage_params(STAGE, Sam2Params)
+    extract_sam2(shared, params)
+
+
+if __name__ == "__main__":
+    run_stage(main)
