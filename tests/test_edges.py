@@ -166,15 +166,17 @@ def write_dataset(folder: Path) -> None:
     write_item(folder, "sa_5", [square((48, 60), 1, 1, 9, 9)], (48, 60))
     (folder / "sa_5.png").unlink()
     Image.new("RGB", (64, 48)).save(folder / "sa_5.png")  # JSON says 48x60, image is 48x64
+    Image.new("RGB", (64, 48)).save(folder / "sa_6.png")  # no JSON
+    Image.new("RGB", (64, 48)).save(folder / "sa_1.webp")  # same stem as sa_1.png
 
 
 def test_stage_writes_edges_and_failures(tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     write_dataset(tmp_path / "sa1b")
-    result = run_edge_maps(params_for(tmp_path, max_failures=2))
+    result = run_edge_maps(params_for(tmp_path, max_failures=4))
     out = tmp_path / "edges"
-    assert (result.items, result.records, result.failed) == (5, 3, 2)
+    assert (result.items, result.records, result.failed) == (7, 3, 4)
     assert sorted(p.name for p in out.glob("*.npz")) == [
         "sa_1_edges.npz", "sa_2_edges.npz", "sa_4_edges.npz"]
     with np.load(out / "sa_1_edges.npz", allow_pickle=False) as z:
@@ -188,8 +190,9 @@ def test_stage_writes_edges_and_failures(tmp_path: Path,
         assert not z["edge_32x32"].any() and z["edge_flag"] == 1
     rows = (out / "failures.tsv").read_text().splitlines()
     failed = {r.split("\t")[1]: r.split("\t")[2] for r in rows[1:]}
-    assert failed == {"sa_3.png": "bad_rle", "sa_5.png": "size_mismatch"}
-    assert json.loads((tmp_path / "metrics" / f"{SECTION}.json").read_text())["failed"] == 2
+    assert failed == {"sa_3.png": "bad_rle", "sa_5.png": "size_mismatch",
+                      "sa_6.png": "missing_json", "sa_1.webp": "duplicate_stem"}
+    assert json.loads((tmp_path / "metrics" / f"{SECTION}.json").read_text())["failed"] == 4
     assert json.loads((out / "provenance.json").read_text())["kernel_size"] == 3
 
 
@@ -207,8 +210,8 @@ def test_two_runs_are_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(tmp_path)
     write_dataset(tmp_path / "sa1b")
     first, second = tmp_path / "run1" / "edges", tmp_path / "run2" / "edges"
-    run_edge_maps(params_for(tmp_path, max_failures=2, out=str(first)))
-    run_edge_maps(params_for(tmp_path, max_failures=2, out=str(second), num_workers=2))
+    run_edge_maps(params_for(tmp_path, max_failures=4, out=str(first)))
+    run_edge_maps(params_for(tmp_path, max_failures=4, out=str(second), num_workers=2))
     names = sorted(p.name for p in first.iterdir())
     assert names == sorted(p.name for p in second.iterdir())
     assert {"provenance.json", "failures.tsv", "sa_1_edges.npz"} <= set(names)
@@ -221,8 +224,8 @@ def test_compression_changes_size_not_values(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     write_dataset(tmp_path / "sa1b")
     packed, raw = tmp_path / "gzip", tmp_path / "none"
-    run_edge_maps(params_for(tmp_path, max_failures=2, out=str(packed), sizes=[256, 64]))
-    run_edge_maps(params_for(tmp_path, max_failures=2, out=str(raw), sizes=[256, 64],
+    run_edge_maps(params_for(tmp_path, max_failures=4, out=str(packed), sizes=[256, 64]))
+    run_edge_maps(params_for(tmp_path, max_failures=4, out=str(raw), sizes=[256, 64],
                              compression="none"))
     for name in ("sa_1_edges.npz", "sa_2_edges.npz"):
         assert (packed / name).stat().st_size < (raw / name).stat().st_size / 5
