@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -29,6 +29,8 @@ Interpolation = Literal["bicubic", "bilinear"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,7 +109,7 @@ class Encoder(torch.nn.Module):
         }
 
 
-def finish_module(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+def finish_module(module: M, device: torch.device | str) -> M:
     """Move to ``device`` in float32, eval mode, no gradients (the encoders only infer)."""
     module = module.to(device=device, dtype=torch.float32).eval()
     for p in module.parameters():

@@ -2,7 +2,8 @@
 
 ``grid`` ``[B, hidden, g, g]`` with ``g = size / 14`` is ``last_hidden_state[:, 1 + R:]`` (after
 the model's final layernorm; CLS and the R register tokens split off); for ``spec.layer != -1``
-the hidden state of that block passed through the same final layernorm. ``pooled`` is None.
+the output of that block (0-based, negative from the end) through the same final layernorm.
+``pooled`` is None.
 
 Preprocessing is explicit, never the HF processor's hidden resize-256/crop-224: the short side is
 resized to ``size`` (bicubic) and the centre ``size x size`` cut out (``shortest_crop``, the same
@@ -94,8 +95,10 @@ class Dinov2Encoder(Encoder):
         """``x [B,3,H,W] float32`` (H, W multiples of 14) -> grid ``[B, hidden, H/14, W/14]``."""
         last = self.spec.layer == -1
         out = self.model(pixel_values=x, output_hidden_states=not last)
+        # hidden_states[0] is the embedding output, so block i is hidden_states[i + 1]
+        index = self.spec.layer + 1 if self.spec.layer >= 0 else self.spec.layer
         tokens = out.last_hidden_state if last else self.model.layernorm(
-            out.hidden_states[self.spec.layer])
+            out.hidden_states[index])
         h, w = x.shape[2] // PATCH, x.shape[3] // PATCH
         return EncoderOutput(grid=tokens_to_grid(tokens[:, self.num_prefix:], h, w), pooled=None)
 
@@ -112,7 +115,7 @@ def load_dinov2(spec: EncoderSpec, device: torch.device | str = "cpu") -> Dinov2
         repo = spec.name if spec.weights == W.PRETRAINED else spec.weights
         model, weights_id = _from_pretrained(locate_dinov2(repo)), repo
     _check_config(spec, model.config)
-    return Dinov2Encoder(spec, weights_id, finish_module(model, device))
+    return finish_module(Dinov2Encoder(spec, weights_id, model), device)
 
 
 def _model_class(config: Any) -> type:

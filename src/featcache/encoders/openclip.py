@@ -174,9 +174,9 @@ def load_openclip(spec: EncoderSpec, device: torch.device | str = "cpu") -> Open
                 else locate_openclip(spec.name, tag, tag_cfg))
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
         weights_id = W.sha256_path(path) if tag is None else tag
-    visual = finish_module(model.visual, device)
-    del model
-    return OpenClipEncoder(spec, weights_id, visual)
+    visual = model.visual
+    del model  # the text tower is not needed
+    return finish_module(OpenClipEncoder(spec, weights_id, visual), device)
 
 
 def _forced_size(spec: EncoderSpec) -> tuple[int, int] | int | None:

@@ -132,7 +132,7 @@ def load_sam2(spec: EncoderSpec, device: torch.device | str = "cpu") -> Sam2Enco
         load_image_encoder_weights(encoder, path)
         weights_id = checkpoint_name(spec.name) if spec.weights == W.PRETRAINED \
             else W.sha256_path(path)
-    return Sam2Encoder(spec, weights_id, finish_module(encoder, device))
+    return finish_module(Sam2Encoder(spec, weights_id, encoder), device)
 
 
 def load_image_encoder_weights(encoder: torch.nn.Module, path: Path) -> None:
