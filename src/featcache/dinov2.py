@@ -1,0 +1,51 @@
+"""Stage ``extract_dinov2``: last-layer patch tokens of a transformers ``Dinov2Model``.
+
+``model`` (in the section) is ``facebook/dinov2-small|base|large|giant`` (or a
+``-with-registers-`` variant); ``weights``/``seed`` are the top-level keys. Images are resized
+(short side to ``size``, bicubic), centre-cropped to ``size x size`` and normalised with the
+ImageNet mean/std; ``size`` must be a multiple of 14, and g = size / 14 (16 at 224).
+
+Per image: ``(hidden, g, g)`` in both layouts (hidden 384/768/1024/1536 for
+small/base/large/giant), CLS and register tokens excluded, after the final layernorm.
+Layout ``hdf5``: ``<out>/<split>.h5`` with ``{image_id}_grids``; layout ``npy``:
+``<out>/<split>/<stem>.npy`` plus ``<stem>_mask.npy`` ``(g, g)`` and, with ``save_meta``,
+``<stem>.json``. Keys and alpha handling: :mod:`featcache.grids`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from featcache.config import SharedParams, require
+from featcache.engine.types import RunResult
+from featcache.grids import GridParams, GridPlan, run_grid_stage
+
+STAGE = "extract_dinov2"
+PATCH = 14
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dinov2Params(GridParams):
+    """The ``extract_dinov2`` section: ``model`` (HF name) and input ``size`` (multiple of 14)."""
+
+    model: str = "facebook/dinov2-small"
+    size: int = 224
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.size > 0 and self.size % PATCH == 0, "size",
+                f"must be a positive multiple of {PATCH} (the patch size), got {self.size}")
+
+
+def plan_dinov2(shared: SharedParams, params: Dinov2Params) -> GridPlan:
+    """Resolve the DINOv2 spec (no model built); ParamError names ``extract_dinov2.model``."""
+    from featcache.encoders import resolve_spec
+
+    spec = resolve_spec("dinov2", params.model, weights=shared.weights, seed=shared.seed,
+                        image_size=params.size, key=f"{STAGE}.model")
+    return GridPlan(STAGE, spec, spec.grid_size[0], "chw")
+
+
+def extract_dinov2(shared: SharedParams, params: Dinov2Params) -> list[RunResult]:
+    """Write the DINOv2 grids of every split (see the module docstring); one result per split."""
+    return run_grid_stage(plan_dinov2(shared, params), shared, params)

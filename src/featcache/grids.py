@@ -1,0 +1,376 @@
+"""Shared machinery of the two patch-grid stages (``extract_clip_grid``, ``extract_dinov2``).
+
+Both stages read image folders (one per split), composite transparent images over a solid
+``background`` colour, run an encoder that returns a patch grid ``[B, C, g, g]`` and store one
+array per image. This module holds everything they share: the params, the image-folder job, the
+alpha mask, grid pooling and the run loop; the stage modules only resolve their encoder spec.
+
+Conventions:
+
+- **Image keys.** ``image_id`` rule (HDF5 layout): a COCO file name (``000000000139.jpg`` or
+  ``COCO_val2014_000000000139.jpg``) or any all-digit stem (ScanNet frame ``3.jpg``) gives the
+  integer without zero padding (``"139"``, ``"3"``), as the seed's reader expects
+  (``f'{image_id}_grids'``); any other file gives its stem. ``stem`` rule (NPY layout): the stem.
+  Two files with the same key in one split: the later one (by name) is a failure row.
+- **Array layouts.** ``tokens``: ``(g*g, C)``, row ``i*g + j`` is the patch at row ``i`` (y, down)
+  and column ``j`` (x, right). ``chw``: ``(C, g, g)`` indexed ``[c, i, j]``.
+- **Pooling** (:func:`pool_grid`): the stored side ``t`` must divide the native side ``g``;
+  ``t x t`` cells each average a ``(g/t) x (g/t)`` block (``avg_pool2d``, no overlap, no
+  padding). ``t = 0`` or ``t = g`` stores the native grid unchanged. A ``t`` that does not divide
+  ``g`` (e.g. 7 for ViT-L/14's 16x16) is a :class:`ParamError` before any work: uneven
+  adaptive windows would silently mix patches of different sizes.
+- **Alpha.** RGBA/LA/transparent-palette images are composited over ``background`` (straight
+  alpha, ``featcache.images.composite_alpha``) before preprocessing. The ``mask`` field is the
+  alpha in ``[0, 1]`` averaged over each stored cell: the alpha goes through the model's own
+  geometry (``cv2.INTER_AREA`` resize to the resized size, the same centre crop), then the mean
+  over each patch, then the same pooling as the features. Opaque images get an all-ones mask.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from featcache.config import ParamError, SharedParams, require
+from featcache.engine.types import EngineParams, Failure, Piece, RunResult
+
+if TYPE_CHECKING:
+    import torch
+
+    from featcache.encoders.base import Encoder, EncoderSpec
+    from featcache.encoders.preprocess import Preprocessor
+
+log = logging.getLogger(__name__)
+
+ArrayLayout = Literal["tokens", "chw"]
+KeyRule = Literal["image_id", "stem"]
+_COCO_NAME = re.compile(r"^COCO_[A-Za-z0-9]+_(\d+)$")
+_SAFE_SPLIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitSpec:
+    """One split: ``name`` (output file ``<out>/<name>.h5`` or folder ``<out>/<name>/``) and
+    ``images``, its image folder relative to the stage's ``root``."""
+
+    name: str
+    images: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class GridParams(EngineParams):
+    """Params shared by the grid stages (see the README for each key)."""
+
+    root: str
+    out: str
+    splits: list[SplitSpec]
+    layout: Literal["hdf5", "npy"] = "hdf5"
+    dtype: Literal["fp16", "fp32"] = "fp16"
+    compression: Literal["none", "lzf", "gzip"] = "none"
+    save_meta: bool = False
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    def validate(self) -> None:
+        super().validate()
+        require(bool(self.root.strip()), "root", "must name the folder the splits are in")
+        require(bool(self.out.strip()), "out", "must name the output folder")
+        require(len(self.splits) > 0, "splits", "must list at least one {name, images} split")
+        names = [s.name for s in self.splits]
+        require(len(set(names)) == len(names), "splits", f"split names repeat: {names}")
+        for i, s in enumerate(self.splits):
+            require(bool(_SAFE_SPLIT.match(s.name)), f"splits[{i}].name",
+                    f"{s.name!r} must be a file name (letters, digits, . _ -)")
+        require(len(self.background) == 3 and all(0 <= c <= 255 for c in self.background),
+                "background", f"must be [r, g, b] in 0..255, got {list(self.background)}")
+        require(self.compression == "none" or self.layout == "hdf5", "compression",
+                "applies to the hdf5 layout only; the npy layout writes plain .npy files")
+        require(not self.save_meta or self.layout == "npy", "save_meta",
+                "per-image JSON is written by the npy layout only; the HDF5 layout keeps its "
+                "metadata in file attributes")
+
+
+def image_key(name: str, rule: KeyRule) -> str:
+    """The output key of image file ``name`` under ``rule`` (see the module docstring)."""
+    stem = Path(name).stem
+    if rule == "stem":
+        return stem
+    match = _COCO_NAME.match(stem)
+    digits = match.group(1) if match else stem
+    return str(int(digits)) if digits.isdigit() else stem
+
+
+def list_splits(params: GridParams, stage: str) -> dict[str, tuple[Path, list[Path]]]:
+    """``{split: (folder, image paths)}``; a missing or empty split is a :class:`ParamError`."""
+    from featcache.images import list_images
+
+    root = Path(params.root)
+    if not root.is_dir():
+        raise ParamError(f"{stage}.root: folder not found: {root}")
+    found = {}
+    for i, split in enumerate(params.splits):
+        folder = root / split.images
+        key = f"{stage}.splits[{i}].images"
+        if not folder.is_dir():
+            raise ParamError(f"{key}: split {split.name!r}: folder not found: {folder}")
+        paths = list_images(folder)
+        if not paths:
+            raise ParamError(f"{key}: split {split.name!r}: no images in {folder}")
+        found[split.name] = (folder, paths)
+    return found
+
+
+def find_duplicates(names: list[str], keys: dict[str, str]) -> dict[str, str]:
+    """``{name: earlier name}`` for every file whose key an earlier file already has."""
+    first: dict[str, str] = {}
+    dupes = {}
+    for name in names:
+        if keys[name] in first:
+            dupes[name] = first[keys[name]]
+        else:
+            first[keys[name]] = name
+    return dupes
+
+
+def check_target_grid(native: tuple[int, int], target: int, key: str = "grid") -> int:
+    """The stored grid side for ``target`` (0 = native); ParamError unless it divides ``native``."""
+    g_h, g_w = native
+    if target == 0:
+        return g_h
+    require(g_h == g_w, key, f"pooling needs a square native grid, got {g_h}x{g_w}")
+    require(0 < target <= g_h and g_h % target == 0, key,
+            f"{target} does not divide the model's native {g_h}x{g_h} grid; use 0 (native) or "
+            f"one of {[d for d in range(1, g_h + 1) if g_h % d == 0]}")
+    return target
+
+
+def pool_grid(grid: torch.Tensor, target: int) -> torch.Tensor:
+    """``[B, C, g, g] -> [B, C, t, t]`` by non-overlapping ``(g/t)``-blocks averages.
+
+    ``target`` 0 or ``g`` returns ``grid`` unchanged; ``ValueError`` if it does not divide ``g``.
+    """
+    import torch.nn.functional as F
+
+    g = grid.shape[-1]
+    if target in (0, g):
+        return grid
+    if g % target or grid.shape[-2] != g:
+        raise ValueError(f"cannot pool a {tuple(grid.shape[-2:])} grid to {target}x{target}")
+    return F.avg_pool2d(grid, kernel_size=g // target)
+
+
+def alpha_grid(alpha: np.ndarray | None, shape: tuple[int, int], pre: Preprocessor,
+               target: int) -> np.ndarray:
+    """Alpha of an ``shape = (H, W)`` image averaged over each stored cell: ``(t, t)`` float32
+    in ``[0, 1]``; all ones when ``alpha`` is None (see the module docstring)."""
+    import cv2
+
+    spec = pre.spec
+    (in_h, in_w), p = spec.input_size, spec.patch_size
+    g_h, g_w = in_h // p, in_w // p
+    t = target or g_h
+    if alpha is None:
+        return np.ones((t, t), np.float32)
+    geo = pre.geometry(*shape)
+    a = cv2.resize(alpha.astype(np.float32) / 255.0, (geo.resized_width, geo.resized_height),
+                   interpolation=cv2.INTER_AREA)
+    a = a[geo.offset_y:geo.offset_y + in_h, geo.offset_x:geo.offset_x + in_w]
+    cells = a[:g_h * p, :g_w * p].reshape(g_h, p, g_w, p).mean(axis=(1, 3))
+    k = g_h // t
+    return cells.reshape(t, k, t, k).mean(axis=(1, 3)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class GridJob:
+    """Engine job of one split: one item per image file name in ``folder``, one piece each.
+
+    Picklable (no model): decoding, alpha compositing, preprocessing and the alpha mask run in
+    DataLoader workers. ``keys`` maps file name -> output key; ``duplicates`` file name ->
+    the earlier file with the same key (reported as a failure).
+    """
+
+    folder: Path
+    names: tuple[str, ...]
+    keys: dict[str, str]
+    duplicates: dict[str, str]
+    preprocessor: Preprocessor
+    background: tuple[int, int, int]
+    mask_target: int | None = None   # stored grid side when the job produces ``mask``
+
+    def items(self) -> list[str]:
+        return list(self.names)
+
+    def load(self, item: str) -> list[Piece | Failure]:
+        from featcache.images import ImageDecodeError, composite_alpha, load_image
+
+        if item in self.duplicates:
+            return [Failure(item, "duplicate_key", f"key {self.keys[item]!r} is already taken "
+                                                   f"by {self.duplicates[item]}")]
+        try:
+            image = load_image(self.folder / item)
+        except ImageDecodeError as e:
+            return [Failure(item, "decode_error", e.reason)]
+        rgb = composite_alpha(image.rgb, image.alpha, self.background)
+        arrays: dict[str, np.ndarray] = {}
+        if self.mask_target is not None:
+            arrays["mask"] = alpha_grid(image.alpha, rgb.shape[:2], self.preprocessor,
+                                        self.mask_target)
+        return [Piece(key=self.keys[item], tensor=self.preprocessor(rgb), arrays=arrays)]
+
+
+def build_grid_job(folder: Path, paths: list[Path], rule: KeyRule, preprocessor: Preprocessor,
+                   background: tuple[int, int, int], mask_target: int | None) -> GridJob:
+    """The :class:`GridJob` of one listed split folder."""
+    names = [p.name for p in paths]
+    keys = {n: image_key(n, rule) for n in names}
+    return GridJob(folder, tuple(names), keys, find_duplicates(names, keys), preprocessor,
+                   tuple(background), mask_target)
+
+
+@dataclass
+class GridCompute:
+    """Engine ``compute``: ``Batch.inputs [B,3,H,W]`` -> ``grids`` (pooled to ``target``, in
+    ``array_layout``), optional ``global [B, D]`` (the encoder's pooled embedding) and the
+    ``mask`` the job produced. Float32 on the CPU; the writer casts to the storage dtype."""
+
+    encoder: Encoder
+    device: torch.device
+    target: int
+    array_layout: ArrayLayout
+    save_global: bool = False
+
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        from featcache.engine.inference import autocast_for
+
+        x = batch.inputs.to(self.device, non_blocking=True)
+        with autocast_for(self.device):
+            out = self.encoder(x)
+        grid = pool_grid(out.grid.float(), self.target)
+        if self.array_layout == "tokens":
+            grid = grid.flatten(2).transpose(1, 2)
+        result = {"grids": grid.cpu().numpy()}
+        if self.save_global:
+            if out.pooled is None:
+                raise ValueError(f"{self.encoder.spec.name} has no pooled embedding")
+            result["global"] = out.pooled.float().cpu().numpy()
+        if "mask" in batch.arrays:
+            result["mask"] = np.stack(batch.arrays["mask"])
+        return result
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """What a grid stage extracts: ``grid`` is the stored side ``t`` (already checked against
+    the spec's native grid), ``array_layout`` how one image's array is laid out."""
+
+    stage: str
+    spec: EncoderSpec
+    grid: int
+    array_layout: ArrayLayout
+    save_global: bool = False
+
+
+def run_grid_stage(plan: GridPlan, shared: SharedParams, params: GridParams) -> list[RunResult]:
+    """Extract every split of ``params``: ``<out>/<split>.h5`` (layout ``hdf5``) or
+    ``<out>/<split>/`` (layout ``npy``), then ``<out>/failures.tsv`` and the stage metrics.
+
+    Raises :class:`ParamError` for a missing/empty split before loading the model, and
+    ``TooManyFailures`` (after writing everything) when failures exceed ``max_failures``.
+    """
+    from featcache.encoders import load_encoder, resolve_device
+    from featcache.engine import finish_stage
+    from featcache.engine.distributed import init_distributed, rank_device
+
+    splits = list_splits(params, plan.stage)
+    device = rank_device(resolve_device(shared.device), init_distributed())
+    encoder = load_encoder(plan.spec, device)
+    compute = GridCompute(encoder, device, plan.grid, plan.array_layout, plan.save_global)
+    results = [run_split(plan, params, name, folder, paths, compute)
+               for name, (folder, paths) in splits.items()]
+    finish_stage(plan.stage, params.out, results, params.max_failures)
+    return results
+
+
+def run_split(plan: GridPlan, params: GridParams, split: str, folder: Path, paths: list[Path],
+              compute: GridCompute) -> RunResult:
+    """Run the engine on one split folder and write its output (see :func:`run_grid_stage`)."""
+    from featcache.encoders import Preprocessor
+    from featcache.engine import WriterOptions, file_signature, run_job
+    from featcache.engine.distributed import init_distributed
+
+    npy = params.layout == "npy"
+    rule: KeyRule = "stem" if npy else "image_id"
+    job = build_grid_job(folder, paths, rule, Preprocessor(plan.spec), params.background,
+                         plan.grid if npy else None)
+    out = Path(params.out) / (split if npy else f"{split}.h5")
+    prov = grid_provenance(plan, params, split, folder, rule, compute.encoder)
+    result = run_job(job, compute, stage=plan.stage, out=out, writer=params.layout,
+                     writer_options=WriterOptions(dtype=params.dtype,
+                                                  compression=params.compression),
+                     provenance=prov, fingerprint={"provenance": prov,
+                                                   "inputs": file_signature(paths)},
+                     params=params, device=compute.device)
+    log.info("%s %s: %d images, %d written, %d failed", plan.stage, split, result.items,
+             result.records, result.failed)
+    if params.save_meta and init_distributed().is_main:
+        write_meta_files(out, job, prov)
+    return result
+
+
+def grid_provenance(plan: GridPlan, params: GridParams, split: str, folder: Path, rule: KeyRule,
+                    encoder: Encoder) -> dict[str, Any]:
+    """Provenance of one split's output: the encoder's own (model, weights, weights_id,
+    preprocessing = the full spec) plus the grid, layout, key rule and alpha handling."""
+    from featcache.engine.scratch import code_version
+
+    shape = "(g*g, C)" if plan.array_layout == "tokens" else "(C, g, g)"
+    native = plan.spec.grid_size[0]
+    return {
+        **encoder.provenance(), "grid": plan.grid, "native_grid": native,
+        "pooling": "none" if plan.grid == native else
+        f"avg_pool2d kernel {native // plan.grid} (non-overlapping blocks)",
+        "array_layout": plan.array_layout, "array_shape": shape, "split": split,
+        "images": folder.as_posix(), "key_rule": rule, "background": list(params.background),
+        "alpha": "composited over background before encoding; mask = alpha averaged per cell",
+        "code_version": code_version(),
+    }
+
+
+def image_header(path: Path) -> dict[str, Any]:
+    """Display size, PIL mode and transparency of an image file, read from its header only."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        width, height = img.size
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that transpose
+            width, height = height, width
+        alpha = img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+        return {"width": width, "height": height, "source_mode": img.mode, "has_alpha": alpha}
+
+
+def write_meta_files(out: Path, job: GridJob, prov: dict[str, Any]) -> int:
+    """``<out>/<stem>.json`` for every written image (the seed's ``--save_meta``): the image,
+    its size and mode, the arrays' files and shape, the model and preprocessing."""
+    from featcache.atomic import write_text
+
+    spec = prov["preprocessing"]
+    common = {k: prov[k] for k in ("model", "weights", "weights_id", "grid", "array_shape",
+                                   "background", "storage_dtype") if k in prov}
+    common.update(input_size=spec["input_size"], resize=spec["resize"])
+    written = 0
+    for name in job.names:
+        key = job.keys[name]
+        features = out / f"{key}.npy"
+        if name in job.duplicates or not features.is_file() or key == "provenance":
+            continue
+        meta = {**common, **image_header(job.folder / name), "image": name, "key": key,
+                "features": features.name, "mask": f"{key}_mask.npy",
+                "shape": list(np.load(features, mmap_mode="r").shape)}
+        write_text(out / f"{key}.json", json.dumps(meta, sort_keys=True, indent=2) + "\n")
+        written += 1
+    return written
