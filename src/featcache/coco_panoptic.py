@@ -1,0 +1,279 @@
+"""Reading a COCO panoptic split: the JSON, the RGB-encoded PNGs, the images.
+
+Official layout under a COCO root (``<split>`` e.g. ``val2017``)::
+
+    annotations/panoptic_<split>.json
+    annotations/panoptic_<split>/<name>.png    (or panoptic_<split>/<name>.png beside the root)
+    <split>/<file_name>                        the images named in the JSON's ``images``
+
+A panoptic PNG is ``uint8 (H, W, 3)`` RGB; pixel ``(y, x)`` belongs to the segment whose id is
+``R + 256 G + 256^2 B`` (0 = void, unlabelled). Rows are ``y`` (down), columns ``x`` (right).
+
+Reading the JSON never fails on one bad annotation: :func:`read_panoptic_split` returns one
+:class:`PanopticEntry` per annotation, each holding either a :class:`PanopticImage` or a
+:class:`PanopticError` (code + message) that the caller reports as a failure row. Items are
+named by the image id zero-padded to 12 digits (``000000397133``); a second annotation of the
+same image id becomes ``000000397133~1`` and an error, so item names stay unique.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# PIL modes whose pixels are the id colours themselves (grey or 16-bit PNGs are not panoptic).
+_ID_COLOUR_MODES = ("RGB", "RGBA", "P", "PA")
+
+
+class PanopticError(Exception):
+    """One annotation, image or segment that cannot be used; ``code`` is the failure kind
+    (``bad_annotation``, ``duplicate_image``, ``missing_png``, ``bad_png``, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class PanopticSegment:
+    """One entry of an annotation's ``segments_info``. ``bbox`` is the JSON's ``[x, y, w, h]``
+    (informational: masks and crops are always computed from the PNG)."""
+
+    id: int
+    category_id: int
+    iscrowd: bool
+    area: int
+    bbox: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class PanopticImage:
+    """An image and its segments: ``image_file`` relative to ``<split>/``, ``png_file``
+    relative to the PNG folder; ``width``/``height`` as the JSON says (pixels, 0 if absent).
+    ``bad_segments`` pairs a failure item name with the error of each unusable
+    ``segments_info`` entry (malformed, or a repeated id: only the first one is used)."""
+
+    image_id: int
+    image_file: str
+    png_file: str
+    width: int
+    height: int
+    segments: tuple[PanopticSegment, ...]
+    bad_segments: tuple[tuple[str, PanopticError], ...] = ()
+
+
+@dataclass(frozen=True)
+class PanopticEntry:
+    """One annotation: ``item`` names it; exactly one of ``image`` / ``error`` is set."""
+
+    item: str
+    image: PanopticImage | None = None
+    error: PanopticError | None = None
+
+
+@dataclass(frozen=True)
+class PanopticSplit:
+    """A split on disk: where its parts are and one entry per annotation (JSON order)."""
+
+    json_path: Path
+    image_dir: Path
+    png_dir: Path
+    entries: tuple[PanopticEntry, ...]
+
+
+def image_key(image_id: int) -> str:
+    """The image id zero-padded to 12 digits, as COCO file names (``000000397133``)."""
+    return f"{image_id:012d}"
+
+
+def segment_key(image_id: int, segment_id: int) -> str:
+    """``<image_id:012d>_<segment_id>``, the seed's name of one segment's feature."""
+    return f"{image_key(image_id)}_{segment_id}"
+
+
+def json_path_for(root: str | Path, split: str) -> Path:
+    """``<root>/annotations/panoptic_<split>.json``."""
+    return Path(root) / "annotations" / f"panoptic_{split}.json"
+
+
+def png_dir_candidates(root: str | Path, split: str) -> list[Path]:
+    """Where the PNGs may be, in order of preference."""
+    root = Path(root)
+    return [root / "annotations" / f"panoptic_{split}", root / f"panoptic_{split}"]
+
+
+def locate_png_dir(root: str | Path, split: str) -> Path:
+    """The first existing PNG folder; raises ``FileNotFoundError`` naming every place tried."""
+    candidates = png_dir_candidates(root, split)
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError("no panoptic PNG folder; looked for "
+                            + " and ".join(str(c) for c in candidates))
+
+
+def read_panoptic_split(root: str | Path, split: str) -> PanopticSplit:
+    """Read the split's JSON and locate its folders.
+
+    Raises ``FileNotFoundError`` for a missing JSON or PNG folder and :class:`PanopticError`
+    (code ``bad_json``) when the JSON is not a panoptic annotation file at all; a bad
+    annotation inside it becomes an entry with an error instead.
+    """
+    path = json_path_for(root, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"panoptic annotation file not found: {path}")
+    png_dir = locate_png_dir(root, split)
+    data = read_panoptic_json(path)
+    entries = parse_annotations(data["annotations"], data.get("images", []))
+    return PanopticSplit(path, Path(root) / split, png_dir, tuple(entries))
+
+
+def read_panoptic_json(path: Path) -> dict[str, Any]:
+    """The parsed JSON; raises :class:`PanopticError` (``bad_json``) if it is unusable."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PanopticError("bad_json", f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise PanopticError("bad_json", f"{path}: no 'annotations' list; not a COCO panoptic file")
+    if not isinstance(data.get("images", []), list):
+        raise PanopticError("bad_json", f"{path}: 'images' is not a list")
+    return data
+
+
+def parse_annotations(annotations: list[Any], images: Iterable[Any]) -> list[PanopticEntry]:
+    """One entry per annotation, joined with ``images`` by id; duplicates and malformed
+    annotations become error entries."""
+    by_id = {im["id"]: im for im in images if isinstance(im, dict) and _is_int(im.get("id"))}
+    seen: dict[int, int] = {}
+    entries = []
+    for index, ann in enumerate(annotations):
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        if not _is_int(image_id) or image_id < 0:
+            entries.append(PanopticEntry(f"annotation[{index}]", error=PanopticError(
+                "bad_annotation", f"annotation {index} has no integer image_id")))
+            continue
+        count = seen.get(image_id, 0)
+        seen[image_id] = count + 1
+        item = image_key(image_id) + (f"~{count}" if count else "")
+        if count:
+            entries.append(PanopticEntry(item, error=PanopticError(
+                "duplicate_image", f"image {image_id} is annotated {count + 1} times; "
+                                   "only the first annotation is used")))
+            continue
+        try:
+            entries.append(PanopticEntry(item, image=_parse_image(ann, by_id.get(image_id))))
+        except PanopticError as e:
+            entries.append(PanopticEntry(item, error=e))
+    return entries
+
+
+def _parse_image(ann: dict[str, Any], image: dict[str, Any] | None) -> PanopticImage:
+    image_id = ann["image_id"]
+    if image is None:
+        raise PanopticError("missing_image_entry", f"image {image_id} is not in 'images'")
+    png_file, image_file = ann.get("file_name"), image.get("file_name")
+    if not isinstance(png_file, str) or not isinstance(image_file, str):
+        raise PanopticError("bad_annotation", f"image {image_id}: missing file_name")
+    segments = ann.get("segments_info")
+    if not isinstance(segments, list):
+        raise PanopticError("bad_annotation", f"image {image_id}: no segments_info list")
+    good, bad = parse_segments(segments, image_id)
+    return PanopticImage(image_id=image_id, image_file=image_file, png_file=png_file,
+                         width=_int_or(image.get("width"), 0),
+                         height=_int_or(image.get("height"), 0),
+                         segments=good, bad_segments=bad)
+
+
+def parse_segments(entries: list[Any], image_id: int,
+                   ) -> tuple[tuple[PanopticSegment, ...], tuple[tuple[str, PanopticError], ...]]:
+    """Valid segments of one image (JSON order) and ``(item, error)`` for the others.
+
+    The item of a bad entry is its segment key, or ``<image_id:012d>_segments_info[<i>]``
+    when it has no usable id; a repeated id keeps the first entry.
+    """
+    good: list[PanopticSegment] = []
+    bad: list[tuple[str, PanopticError]] = []
+    seen: set[int] = set()
+    for index, entry in enumerate(entries):
+        try:
+            seg = parse_segment(entry, image_id)
+        except PanopticError as e:
+            sid = entry.get("id") if isinstance(entry, dict) else None
+            name = segment_key(image_id, sid) if _is_int(sid) and sid >= 0 else \
+                f"{image_key(image_id)}_segments_info[{index}]"
+            bad.append((name, e))
+            continue
+        if seg.id in seen:
+            bad.append((f"{segment_key(image_id, seg.id)}~{index}", PanopticError(
+                "duplicate_segment", f"image {image_id}: segment id {seg.id} is listed twice; "
+                                     "only the first entry is used")))
+            continue
+        seen.add(seg.id)
+        good.append(seg)
+    return tuple(good), tuple(bad)
+
+
+def parse_segment(seg: Any, image_id: int) -> PanopticSegment:
+    """One ``segments_info`` entry; raises :class:`PanopticError` (``bad_segment``) when its
+    id is not a positive integer below ``256^3`` or ``iscrowd`` is not 0/1."""
+    sid = seg.get("id") if isinstance(seg, dict) else None
+    if not _is_int(sid) or not 0 < sid < 256 ** 3:
+        raise PanopticError("bad_segment", f"image {image_id}: segment id {sid!r} is not an "
+                                           "integer in 1..16777215")
+    crowd = seg.get("iscrowd", 0)
+    if crowd not in (0, 1) or isinstance(crowd, float):
+        raise PanopticError("bad_segment", f"image {image_id}: segment {sid} has "
+                                           f"iscrowd={crowd!r}; expected 0 or 1")
+    bbox = seg.get("bbox", ())
+    return PanopticSegment(id=sid, category_id=_int_or(seg.get("category_id"), -1),
+                           iscrowd=bool(crowd), area=_int_or(seg.get("area"), 0),
+                           bbox=tuple(float(v) for v in bbox) if isinstance(bbox, list) else ())
+
+
+def decode_panoptic_png(path: str | Path) -> np.ndarray:
+    """Segment ids of a panoptic PNG: ``int64 (H, W)``, ``R + 256 G + 256^2 B``.
+
+    Raises :class:`PanopticError`: ``missing_png`` if the file does not exist, ``bad_png`` if
+    it is truncated/corrupt or not an RGB-coloured image (grey or 16-bit PNGs carry no ids).
+    """
+    from featcache.images import ImageDecodeError, load_image
+
+    path = Path(path)
+    if not path.is_file():
+        raise PanopticError("missing_png", f"panoptic PNG not found: {path}")
+    try:
+        decoded = load_image(path)
+    except ImageDecodeError as e:
+        raise PanopticError("bad_png", str(e)) from None
+    if decoded.source_mode not in _ID_COLOUR_MODES:
+        raise PanopticError("bad_png", f"{path}: mode {decoded.source_mode} is not an "
+                                       "RGB-encoded panoptic PNG")
+    return rgb_to_ids(decoded.rgb)
+
+
+def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
+    """``uint8 (H, W, 3)`` -> ``int64 (H, W)`` ids ``R + 256 G + 256^2 B``."""
+    c = rgb.astype(np.int64)
+    return c[..., 0] + 256 * c[..., 1] + 65536 * c[..., 2]
+
+
+def ids_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rgb_to_ids`: ``int (H, W)`` in ``0..256^3-1`` -> ``uint8 (H, W, 3)``."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_or(value: Any, default: int) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else default

@@ -1,0 +1,341 @@
+"""One SigLIP (any open_clip model) embedding per COCO panoptic segment (stage ``extract_siglip``).
+
+Per segment, in DataLoader workers: mask ``m`` = PNG pixels whose id is the segment's; crop
+box = the mask's bounding box, padded on each side by ``round(pad_ratio * w)`` pixels left and
+right and ``round(pad_ratio * h)`` top and bottom (halves round up), clipped to the image; a box
+narrower or shorter than ``min_crop`` grows to ``min_crop`` around the mask's centre (shifted to
+stay inside the image, never beyond the image size); inside the box the background is blended
+``out = m*img + (1-m)*(bg_alpha*img + (1-bg_alpha)*fill)`` in float and rounded to uint8
+(``fill`` is an RGB triple in 0..255; the default ``[124, 116, 104]`` is the ImageNet mean, a
+neutral grey-brown); then the model's own preprocessing (:class:`~featcache.encoders.Preprocessor`).
+In the main process, crops from many images are batched; the embedding is the model's pooled
+output (``encode_image``), L2-normalised, stored as fp16 ``(D,)``, D = the model's ``embed_dim``.
+
+Outputs in ``out`` (keys ``<image_id:012d>_<segment_id>``, rows in JSON order of images and
+segments):
+
+- ``layout: hdf5``: ``embeddings.h5`` (``embeddings (N, D) float16``, ``image_id (N,) int64``,
+  ``segment_id (N,) int64``, ``iscrowd (N,) uint8``, ``keys (N,)``) and ``inst2feat.tsv`` whose
+  ``feat_file`` is ``embeddings.h5#<row>``;
+- ``layout: npy``: ``<key>.npy`` ``(D,) float16`` per segment, the engine's ``index.tsv`` and
+  ``inst2feat.tsv`` whose ``feat_file`` is ``<key>.npy`` (the seed's layout);
+- ``failures.tsv``: one row per image or segment that gave no embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from featcache.atomic import write_text
+from featcache.coco_panoptic import (PanopticEntry, PanopticError, PanopticSplit,
+                                     decode_panoptic_png, image_key, read_panoptic_split,
+                                     segment_key)
+from featcache.config import ParamError, SharedParams, as_dict, require
+from featcache.engine.types import Batch, EngineParams, Failure, Piece, RunResult
+
+if TYPE_CHECKING:
+    import torch
+
+    from featcache.encoders import Encoder, EncoderSpec, Preprocessor
+
+log = logging.getLogger(__name__)
+
+STAGE = "extract_siglip"
+H5_NAME = "embeddings.h5"
+INDEX_NAME = "inst2feat.tsv"
+INDEX_HEADER = "image_id\tsegment_id\tfeat_file"
+_ENGINE_KNOBS = frozenset(f.name for f in fields(EngineParams))  # never change the result
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1: pixel columns/rows, end exclusive
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiglipParams(EngineParams):
+    """The ``extract_siglip`` section of params.yaml (see the module docstring).
+
+    ``coco``: COCO root; ``split``: e.g. ``val2017``; ``out``: output folder; ``model``: any
+    open_clip model name; ``bg_alpha`` in [0, 1] (1 = no blending); ``pad_ratio`` >= 0;
+    ``fill``: RGB in 0..255; ``min_crop``: smallest crop side in pixels (>= 1).
+    """
+
+    coco: str
+    split: str
+    out: str
+    model: str = "ViT-B-16-SigLIP"
+    bg_alpha: float = 0.3
+    pad_ratio: float = 0.1
+    fill: tuple[int, ...] = (124, 116, 104)
+    min_crop: int = 32
+    layout: Literal["hdf5", "npy"] = "hdf5"
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("coco", "split", "out", "model"):
+            require(bool(getattr(self, key).strip()), key, "must not be empty")
+        require(0.0 <= self.bg_alpha <= 1.0, "bg_alpha", f"must be in [0, 1], got {self.bg_alpha}")
+        require(0.0 <= self.pad_ratio <= 10.0, "pad_ratio",
+                f"must be in [0, 10] (a fraction of the mask's width/height), got {self.pad_ratio}")
+        require(len(self.fill) == 3 and all(0 <= v <= 255 for v in self.fill), "fill",
+                f"must be an RGB triple of integers in 0..255, got {list(self.fill)}")
+        require(self.min_crop >= 1, "min_crop", f"must be >= 1 pixel, got {self.min_crop}")
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """How a segment becomes a crop (see the module docstring)."""
+
+    bg_alpha: float
+    pad_ratio: float
+    fill: tuple[int, int, int]
+    min_crop: int
+
+
+def mask_bbox(mask: np.ndarray) -> Box | None:
+    """Bounding box ``(x0, y0, x1, y1)`` (end exclusive) of a bool ``(H, W)`` mask, or None."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _span(lo: int, hi: int, size: int, pad_ratio: float, min_len: int) -> tuple[int, int]:
+    """Pad ``[lo, hi)`` by ``round(pad_ratio * (hi - lo))`` each side, clip to ``[0, size)``,
+    then grow to ``min(min_len, size)`` around the centre, shifted to stay inside."""
+    pad = int(pad_ratio * (hi - lo) + 0.5)
+    a, b = max(lo - pad, 0), min(hi + pad, size)
+    n = min(min_len, size)
+    if b - a >= n:
+        return a, b
+    start = int(np.floor((lo + hi) / 2 - n / 2))
+    start = min(max(start, 0), size - n)
+    return start, start + n
+
+
+def crop_box(bbox: Box, height: int, width: int, pad_ratio: float, min_crop: int) -> Box:
+    """The crop of a mask bounding box in an ``height x width`` image (see module docstring).
+    The result always contains ``bbox``."""
+    x0, x1 = _span(bbox[0], bbox[2], width, pad_ratio, min_crop)
+    y0, y1 = _span(bbox[1], bbox[3], height, pad_ratio, min_crop)
+    return x0, y0, x1, y1
+
+
+def blend_background(rgb: np.ndarray, mask: np.ndarray, bg_alpha: float,
+                     fill: tuple[int, int, int]) -> np.ndarray:
+    """``out = m*img + (1-m)*(bg_alpha*img + (1-bg_alpha)*fill)``, rounded to ``uint8``.
+
+    ``rgb``: ``uint8 (H, W, 3)``; ``mask``: bool ``(H, W)``; mask pixels are returned unchanged.
+    """
+    img = rgb.astype(np.float32)
+    background = bg_alpha * img + (1.0 - bg_alpha) * np.asarray(fill, np.float32)
+    out = np.where(mask[..., None], img, background)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def segment_crop(rgb: np.ndarray, mask: np.ndarray, box: Box, crop: CropSettings) -> np.ndarray:
+    """The blended ``uint8 (h, w, 3)`` crop of one segment; ``box`` from :func:`crop_box`."""
+    x0, y0, x1, y1 = box
+    return blend_background(rgb[y0:y1, x0:x1], mask[y0:y1, x0:x1], crop.bg_alpha, crop.fill)
+
+
+class SiglipJob:
+    """Engine job: one item per panoptic annotation (image), one piece per segment.
+
+    Each piece's ``tensor`` is the preprocessed crop ``[3, H_in, W_in] float32``; its
+    ``arrays`` hold ``image_id``/``segment_id`` (int64) and ``iscrowd`` (uint8) scalars.
+    """
+
+    def __init__(self, split: PanopticSplit, preprocess: Preprocessor, crop: CropSettings,
+                 ) -> None:
+        self.split, self.preprocess, self.crop = split, preprocess, crop
+        self._entries = {e.item: e for e in split.entries}
+
+    def items(self) -> list[str]:
+        return [e.item for e in self.split.entries]
+
+    def load(self, item: str) -> list[Piece | Failure]:
+        entry: PanopticEntry = self._entries[item]
+        if entry.error is not None:
+            return [Failure(item, entry.error.code, str(entry.error))]
+        image = entry.image
+        out: list[Piece | Failure] = [Failure(name, e.code, str(e))
+                                      for name, e in image.bad_segments]
+        if not image.segments:
+            return out
+        try:
+            ids, rgb = self._decode(image.png_file, image.image_file)
+        except PanopticError as e:
+            return out + [Failure(item, e.code, str(e))]
+        for seg in image.segments:
+            mask = ids == seg.id
+            bbox = mask_bbox(mask)
+            key = segment_key(image.image_id, seg.id)
+            if bbox is None:
+                out.append(Failure(key, "empty_mask", f"segment {seg.id} is in the JSON but "
+                                                      f"has no pixel in {image.png_file}"))
+                continue
+            box = crop_box(bbox, *ids.shape, self.crop.pad_ratio, self.crop.min_crop)
+            tensor = self.preprocess(segment_crop(rgb, mask, box, self.crop))
+            out.append(Piece(key, tensor, {"image_id": np.int64(image.image_id),
+                                           "segment_id": np.int64(seg.id),
+                                           "iscrowd": np.uint8(seg.iscrowd)}))
+        return out
+
+    def _decode(self, png_file: str, image_file: str) -> tuple[np.ndarray, np.ndarray]:
+        """``ids int64 (H, W)`` and ``rgb uint8 (H, W, 3)``; raises :class:`PanopticError`
+        (``missing_png``, ``bad_png``, ``bad_image``, ``size_mismatch``)."""
+        from featcache.images import ImageDecodeError, load_image
+
+        ids = decode_panoptic_png(self.split.png_dir / png_file)
+        try:
+            rgb = load_image(self.split.image_dir / image_file).rgb
+        except ImageDecodeError as e:
+            raise PanopticError("bad_image", str(e)) from None
+        if rgb.shape[:2] != ids.shape:
+            raise PanopticError("size_mismatch", f"{image_file} is {rgb.shape[1]}x{rgb.shape[0]} "
+                                                 f"but {png_file} is {ids.shape[1]}x{ids.shape[0]}"
+                                                 " (WxH); masks would be misaligned")
+        return ids, rgb
+
+    def input_files(self) -> list[Path]:
+        """Every file the job reads, for the resume fingerprint."""
+        files = [self.split.json_path]
+        for e in self.split.entries:
+            if e.image is not None:
+                files += [self.split.png_dir / e.image.png_file,
+                          self.split.image_dir / e.image.image_file]
+        return files
+
+
+class SiglipCompute:
+    """``Batch -> {"embeddings": float32 [B, D] unit-norm, + the id fields}`` on the CPU.
+
+    ``with_ids`` adds ``image_id``/``segment_id`` ``int64 [B]`` and ``iscrowd`` ``uint8 [B]``
+    (the packed HDF5 layout); the npy layout stores the embedding alone.
+    """
+
+    def __init__(self, encoder: Encoder, device: torch.device, with_ids: bool = True) -> None:
+        self.encoder, self.device, self.with_ids = encoder, device, with_ids
+
+    def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
+        import torch
+
+        from featcache.engine.inference import autocast_for
+
+        x = batch.inputs.to(self.device, non_blocking=True)
+        with autocast_for(self.device):
+            pooled = self.encoder(x).pooled
+        emb = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+        out = {"embeddings": emb}
+        if self.with_ids:
+            out.update({name: np.stack(batch.arrays[name])
+                        for name in ("image_id", "segment_id", "iscrowd")})
+        return out
+
+
+def write_index(out: Path, layout: str) -> int:
+    """Write ``<out>/inst2feat.tsv`` from the assembled output; returns its number of rows."""
+    if layout == "hdf5":
+        import h5py
+
+        with h5py.File(out / H5_NAME, "r") as f:
+            keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][:]]
+        files = [f"{H5_NAME}#{row}" for row in range(len(keys))]
+    else:  # the npy writer's index.tsv: key, field, file
+        cells = [ln.split("\t") for ln in
+                 (out / "index.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+        keys, files = [c[0] for c in cells], [c[2] for c in cells]
+    rows = [INDEX_HEADER]
+    for key, feat_file in zip(keys, files):
+        image, segment = key.split("_", 1)
+        rows.append(f"{image}\t{segment}\t{feat_file}")
+    write_text(out / INDEX_NAME, "\n".join(rows) + "\n")
+    return len(rows) - 1
+
+
+def build_siglip_job(params: SiglipParams, spec: EncoderSpec) -> SiglipJob:
+    """Read the split (cheap, main process); a missing or unreadable COCO root, JSON or PNG
+    folder raises :class:`ParamError` naming ``extract_siglip.coco``."""
+    from featcache.encoders import Preprocessor
+
+    try:
+        split = read_panoptic_split(params.coco, params.split)
+    except (FileNotFoundError, PanopticError) as e:
+        raise ParamError(f"{STAGE}.coco: {e} (split {params.split!r})") from None
+    if not split.entries:
+        log.warning("%s: no annotations in %s", STAGE, split.json_path)
+    crop = CropSettings(params.bg_alpha, params.pad_ratio, tuple(params.fill), params.min_crop)
+    return SiglipJob(split, Preprocessor(spec), crop)
+
+
+def siglip_provenance(params: SiglipParams, encoder: Encoder) -> dict[str, Any]:
+    """What the embeddings depend on (HDF5 attributes or ``provenance.json``)."""
+    return {**encoder.provenance(), "coco": params.coco, "split": params.split,
+            "crop": method_params(params), "key": "<image_id:012d>_<segment_id>",
+            "embedding": "encode_image of the blended, padded segment crop, L2-normalised",
+            "png_ids": "R + 256*G + 256^2*B"}
+
+
+def method_params(params: SiglipParams) -> dict[str, Any]:
+    """The params that change the result (engine knobs removed)."""
+    return {k: v for k, v in as_dict(params).items() if k not in _ENGINE_KNOBS}
+
+
+def failed_images(failures: list[Failure]) -> int:
+    """Distinct images with at least one failure (segment items start with the image key)."""
+    return len({f.item.split("_", 1)[0] for f in failures})
+
+
+def run_siglip(job: SiglipJob, compute: SiglipCompute, params: SiglipParams,
+               provenance: dict[str, Any], fingerprint: dict[str, Any]) -> RunResult:
+    """Run the engine into ``params.out`` and write ``inst2feat.tsv`` (rank 0).
+
+    ``result.failed`` counts images with any failure (an image or one of its segments).
+    """
+    from featcache.engine import WriterOptions, run_job
+    from featcache.engine.distributed import init_distributed
+
+    out = Path(params.out)
+    hdf5 = params.layout == "hdf5"
+    result = run_job(job, compute, stage=STAGE, out=out / H5_NAME if hdf5 else out,
+                     writer="hdf5_packed" if hdf5 else "npy",
+                     writer_options=WriterOptions(dtype="fp16"), provenance=provenance,
+                     fingerprint=fingerprint, params=params, device=compute.device)
+    if init_distributed().is_main:
+        rows = write_index(out, params.layout)
+        if rows != result.records:
+            raise RuntimeError(f"{INDEX_NAME} has {rows} rows for {result.records} embeddings")
+    result.failed = failed_images(result.failures)
+    return result
+
+
+def extract_siglip(shared: SharedParams, params: SiglipParams) -> RunResult:
+    """Embed every segment of ``params.coco``/``params.split`` into ``params.out``.
+
+    Bad params (model, weights, device, paths) raise :class:`ParamError` before any work.
+    Also writes ``<out>/failures.tsv`` and ``metrics/extract_siglip.json``, then raises
+    ``TooManyFailures`` when more than ``max_failures`` images failed.
+    """
+    from featcache.encoders import load_encoder, resolve_device, resolve_spec
+    from featcache.engine import file_signature, finish_stage
+    from featcache.engine.distributed import init_distributed, rank_device
+
+    spec = resolve_spec("open_clip", params.model, weights=shared.weights, seed=shared.seed,
+                        key=f"{STAGE}.model")
+    device = rank_device(resolve_device(shared.device), init_distributed())
+    job = build_siglip_job(params, spec)
+    encoder = load_encoder(spec, device)
+    compute = SiglipCompute(encoder, device, with_ids=params.layout == "hdf5")
+    fingerprint = {"params": method_params(params), "spec": spec.to_dict(),
+                   "weights_id": encoder.weights_id,
+                   "inputs": file_signature(job.input_files())}
+    result = run_siglip(job, compute, params, siglip_provenance(params, encoder), fingerprint)
+    log.info("%s: %d images, %d embeddings, %d images with failures", STAGE, result.items,
+             result.records, result.failed)
+    finish_stage(STAGE, params.out, [result], params.max_failures,
+                 extra={"embeddings": result.records, "failure_rows": len(result.failures)})
+    return result
