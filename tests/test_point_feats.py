@@ -18,7 +18,8 @@ from featcache.config import ParamError, build_dataclass
 from featcache.encoders.base import EncoderSpec
 from featcache.engine.types import Failure, Piece
 from featcache.point_feats import (GridError, PointFeatsJob, PointFeatsParams, normalise_coords,
-                                   sample_map, sample_point_features, tokens_to_map)
+                                   sample_map, sample_point_feats, sample_point_features,
+                                   tokens_to_map)
 
 G, R = 4, 2              # token grid 4x4, PixelShuffle x2 -> 8x8 map with 2 channels
 INPUT = (64, 64)         # model input (H, W); a map cell covers 8x8 input pixels
@@ -47,7 +48,8 @@ def coordinate_tokens() -> np.ndarray:
     return tokens
 
 
-def expected_cells(uv: np.ndarray, scale: tuple[float, float], offset: tuple[int, int]) -> np.ndarray:
+def expected_cells(uv: np.ndarray, scale: tuple[float, float], offset: tuple[int, int],
+                   ) -> np.ndarray:
     """Continuous map-cell coordinates (x, y) of colour pixels, clamped to the border cells."""
     cells = []
     for axis, extent in ((0, INPUT[1]), (1, INPUT[0])):
@@ -139,8 +141,6 @@ def make_params(tmp_path: Path, **kw: object) -> PointFeatsParams:
 
 @pytest.mark.parametrize("resize", ["squash", "shortest_crop"])
 def test_job_end_to_end(tmp_path: Path, resize: str, monkeypatch) -> None:
-    from featcache.point_feats import sample_point_feats
-
     rng = np.random.default_rng(1)
     uv = np.c_[rng.uniform(0, 127, 300), rng.uniform(0, 95, 300)].astype(np.float32)
     valid = rng.random(300) > 0.2
@@ -178,6 +178,9 @@ def test_job_end_to_end(tmp_path: Path, resize: str, monkeypatch) -> None:
 def test_bad_params_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ParamError, match="sample_point_feats.upscale"):
         make_params(tmp_path, upscale=0)
-    from featcache.point_feats import sample_point_feats
     with pytest.raises(ParamError, match="sample_point_feats.uv_index"):
+        sample_point_feats(make_params(tmp_path))
+    (tmp_path / "uv").mkdir()
+    (tmp_path / "grid").mkdir()
+    with pytest.raises(ParamError, match="sample_point_feats.clip_grid: no <scene>.h5"):
         sample_point_feats(make_params(tmp_path))

@@ -7,16 +7,19 @@ rendered analytically at half the colour resolution (uint16 mm), so visibility i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from featcache import scannet
+from featcache import geometry, scannet
 from featcache.config import ParamError, build_dataclass
 from featcache.engine.types import Failure, Piece
-from featcache.uv_index import UvIndexJob, UvIndexParams, index_frame, read_frame
+from featcache.sample import generate_sample
+from featcache.uv_index import (UvIndexJob, UvIndexParams, build_uv_index, index_frame,
+                                 read_frame)
 
 K_COLOR = np.array([[260.0, 0, 159.5], [0, 260.0, 119.5], [0, 0, 1]])
 K_DEPTH = np.array([[130.0, 0, 79.5], [0, 130.0, 59.5], [0, 0, 1]])
@@ -36,7 +39,7 @@ def camera(i: int) -> np.ndarray:
 
 
 def occluder_hit(origin: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where segments origin→target (…,3) cross the occluder plane: (param (…), point (…,3))."""
+    """Where segments origin→target ``(...,3)`` cross the occluder plane: (param, point)."""
     alpha = (OCC_Z - origin[..., 2]) / (target[..., 2] - origin[..., 2])
     return alpha, origin + alpha[..., None] * (target - origin)
 
@@ -199,7 +202,6 @@ def test_depth_backprojection_lands_on_projected_points(scannet_root, record_pro
     frame = read_frame(scene_dir, "1", 1000.0)
     params = make_params(scannet_root, scannet_root, occlusion_check=True)
     arrays = index_frame(scene_points(), frame, params)
-    from featcache import geometry
     cam = geometry.world_to_camera(scene_points(), frame.pose)
     d_uv = geometry.camera_to_pixels(cam, frame.k_depth)
     rows, cols = np.rint(d_uv[:, 1]).astype(int), np.rint(d_uv[:, 0]).astype(int)
@@ -246,10 +248,6 @@ def test_bad_params_name_the_key(tmp_path, key, value):
 
 
 def test_stage_writes_frames_failures_and_metrics(scannet_root, tmp_path, monkeypatch):
-    import json
-
-    from featcache.uv_index import build_uv_index
-
     monkeypatch.chdir(tmp_path)
     params = make_params(scannet_root, tmp_path, max_failures=0.5)
     result = build_uv_index(params)
@@ -270,9 +268,34 @@ def test_stage_writes_frames_failures_and_metrics(scannet_root, tmp_path, monkey
 
 
 def test_stage_bad_scannet_path_fails_before_work(tmp_path, monkeypatch):
-    from featcache.uv_index import build_uv_index
-
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ParamError, match="build_uv_index.scannet"):
         build_uv_index(make_params(tmp_path / "nowhere", tmp_path))
     assert not (tmp_path / "uv").exists()
+
+
+def test_stage_on_the_embedded_sample(tmp_path, monkeypatch):
+    """The sample generator's ScanNet scenes: exact geometry, one -inf pose, a depth hole."""
+    manifest = generate_sample(tmp_path / "sample", seed=0)["scannet"]
+    monkeypatch.chdir(tmp_path)
+    params = make_params(tmp_path / "sample" / "scannet", tmp_path,
+                         scenes="scannetv2_sample.txt", max_failures=0.5)
+    result = build_uv_index(params)
+    bad = manifest["invalid_pose"]
+    assert [(f.item, f.error) for f in result.failures] == [
+        (f"{bad['scene']}/frame_{bad['frame']:06d}", "bad_pose")]
+    assert result.records == sum(manifest["frames"].values()) - 1
+    metrics = json.loads((tmp_path / "metrics" / "build_uv_index.json").read_text())
+    assert metrics["reprojection_max_px"] < 1.0
+    hole = manifest["missing_depth"]
+    scene_dir = tmp_path / "sample" / "scannet" / "scans" / hole["scene"]
+    frame = read_frame(scene_dir, str(hole["frame"]), 1000.0)
+    with np.load(tmp_path / "uv" / hole["scene"] / f"frame_{hole['frame']:06d}.npz") as npz:
+        valid, conf = npz["valid"], npz["conf_2d"]
+    points = scannet.read_point_cloud(scene_dir / f"{hole['scene']}_vh_clean_2.ply")
+    d_uv = geometry.camera_to_pixels(geometry.world_to_camera(points, frame.pose), frame.k_depth)
+    x0, y0, x1, y1 = hole["box_xyxy"]
+    in_hole = valid & (np.rint(d_uv[:, 0]) >= x0) & (np.rint(d_uv[:, 0]) < x1) \
+        & (np.rint(d_uv[:, 1]) >= y0) & (np.rint(d_uv[:, 1]) < y1)
+    assert in_hole.any() and (conf[in_hole] == 0).all()       # unknown depth -> conf 0
+    assert conf[valid & ~in_hole].mean() > 0.3

@@ -139,7 +139,8 @@ def reprojection_error(depth_map: np.ndarray, depth_intrinsics: np.ndarray,
     proj = project_points(points, cam_to_world, color_intrinsics, color_size)
     k_c = np.asarray(color_intrinsics, dtype=np.float64)[:3, :3]
     k_d = np.asarray(depth_intrinsics, dtype=np.float64)[:3, :3]
-    homog = np.concatenate([pixels, np.ones((len(pixels), 1))], axis=1) @ (k_c @ np.linalg.inv(k_d)).T
+    depth_to_color = k_c @ np.linalg.inv(k_d)
+    homog = np.concatenate([pixels, np.ones((len(pixels), 1))], axis=1) @ depth_to_color.T
     expected = homog[:, :2] / homog[:, 2:3]
     if not proj.valid.any():
         return 0.0

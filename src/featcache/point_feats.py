@@ -203,6 +203,9 @@ def check_inputs(params: PointFeatsParams) -> None:
     for key in ("uv_index", "clip_grid"):
         if not Path(getattr(params, key)).is_dir():
             raise ParamError(f"{STAGE}.{key}: folder not found: {getattr(params, key)}")
+    if not any(Path(params.clip_grid).glob("*.h5")):
+        raise ParamError(f"{STAGE}.clip_grid: no <scene>.h5 in {params.clip_grid}; "
+                         "extract_clip_grid must use layout: hdf5 with one split per scene")
 
 
 def method_params(params: PointFeatsParams) -> dict[str, object]:
