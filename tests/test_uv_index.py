@@ -160,6 +160,9 @@ def test_items_select_frames_numerically_and_report_missing_scene(scannet_root, 
     job = UvIndexJob(make_params(scannet_root, tmp_path, frames_per_scene=2, frame_stride=3))
     assert job.items()[:2] == ["scene0000_00/frame_000000", "scene0000_00/frame_000003"]
     assert job.load("scene0009_00")[0].error == "missing_scene"
+    (scannet_root / "dupes.txt").write_text("# comment\nscene0001_00\n\nscene0001_00\n")
+    job = UvIndexJob(make_params(scannet_root, tmp_path, scenes="dupes.txt"))
+    assert job.items() == ["scene0001_00/frame_000000", "scene0001_00/frame_000001"]
 
 
 @pytest.mark.parametrize("kind,code", [("3", "bad_pose"), ("4", "missing_file"),
@@ -214,6 +217,22 @@ def test_depth_backprojection_lands_on_projected_points(scannet_root, record_pro
     err = np.abs(again.uv - arrays["uv_idx"][sel]).max()
     record_property("lifted_max_px", float(err))
     assert err < 1.0
+
+
+@pytest.mark.parametrize("text,code", [("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n", None),
+                                       ("-inf " * 16, "bad_pose"), ("0 " * 16, "bad_pose"),
+                                       ("2 0 0 0 0 1 0 0 0 0 1 0 0 0 0 1", "bad_pose"),
+                                       ("1 0 0\n0 1 0\n0 0 1\n", "bad_matrix"),
+                                       ("1 0 0 0 0 1 0 0 0 0 1 0 0 0 0 x", "bad_matrix")])
+def test_read_pose_rejects_non_rigid_and_malformed(tmp_path, text, code):
+    path = tmp_path / "0.txt"
+    path.write_text(text)
+    if code is None:
+        np.testing.assert_array_equal(scannet.read_pose(path), np.eye(4))
+        return
+    with pytest.raises(scannet.ScanNetError) as info:
+        scannet.read_pose(path)
+    assert info.value.code == code
 
 
 def test_occlusion_check_off_gives_valid_as_conf(scannet_root, tmp_path):

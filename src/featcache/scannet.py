@@ -101,10 +101,16 @@ def read_matrix(path: Path, shape: tuple[int, int] = (4, 4)) -> np.ndarray:
 
 
 def read_pose(path: Path) -> np.ndarray:
-    """Camera-to-world ``(4,4)`` float64; raises ``bad_pose`` when not finite (ScanNet -inf)."""
+    """Camera-to-world ``(4,4)`` float64; raises ``bad_pose`` when not finite (ScanNet's -inf
+    poses where tracking was lost) or not a rigid transform (rotation determinant 1 within
+    1e-2, last row ``0 0 0 1``: ScanNet writes 6 decimals)."""
     pose = read_matrix(path)
     if not np.isfinite(pose).all():
         raise ScanNetError("bad_pose", f"{path.name}: pose is not finite (tracking lost)")
+    rigid = np.allclose(pose[3], [0, 0, 0, 1], atol=1e-6) \
+        and abs(np.linalg.det(pose[:3, :3]) - 1) <= 1e-2
+    if not rigid:
+        raise ScanNetError("bad_pose", f"{path.name}: not a rigid camera-to-world transform")
     return pose
 
 

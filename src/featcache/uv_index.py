@@ -152,7 +152,7 @@ class UvIndexJob:
 
     def items(self) -> list[str]:
         items = []
-        for scene in scannet.read_scene_list(self.root / self.params.scenes):
+        for scene in dict.fromkeys(scannet.read_scene_list(self.root / self.params.scenes)):
             stems = scannet.list_frame_stems(self.scene_dir(scene))
             chosen = scannet.select_frames(stems, self.params.frames_per_scene,
                                            self.params.frame_stride)
