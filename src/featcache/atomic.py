@@ -51,6 +51,15 @@ def atomic_path(dest: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temps(dest: str | Path) -> int:
+    """Remove temporaries of ``dest`` left behind by a killed run; returns how many."""
+    dest = Path(dest)
+    stale = list(dest.parent.glob(f".{dest.name}.*.tmp")) if dest.parent.is_dir() else []
+    for path in stale:
+        _remove(path)
+    return len(stale)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

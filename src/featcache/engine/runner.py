@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featcache.atomic import atomic_path
+from featcache.atomic import atomic_path, remove_stale_temps
 from featcache.engine.distributed import DistContext, init_distributed
 from featcache.engine.scratch import Scratch, code_version, fingerprint_of
 from featcache.engine.types import Batch, EngineParams, Failure, Job, Piece, RunResult
@@ -185,6 +185,7 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path, w
     scratch = Scratch(stage, out, fp)
     if ctx.is_main:
         scratch.prepare()
+        remove_stale_temps(out)
     ctx.barrier()
     mine = [c for c in range(len(chunks)) if ctx.owns(c)]
     todo = [c for c in mine if not scratch.has(c)]
