@@ -63,12 +63,13 @@ def _family_module(family: str, key: str = "family") -> Any:
 
 def resolve_spec(family: str, name: str, *, weights: str, seed: int = 0,
                  image_size: int | None = None, resize: str | None = None,
-                 key: str = "model") -> EncoderSpec:
+                 key: str | None = None) -> EncoderSpec:
     """The :class:`EncoderSpec` of ``name`` in ``family`` (``open_clip``, ``dinov2``, ``sam2``)
     without building the model. ``image_size`` overrides the model's input size (square);
     ``resize`` (``shortest_crop`` | ``squash``) overrides the default resize mode.
 
-    Raises :class:`ParamError` naming ``key`` for an unknown model (listing close matches),
+    Raises :class:`ParamError` naming ``key`` (default ``model``, for SAM2 ``config``) for an
+    unknown model (listing close matches),
     ``weights`` for an unknown tag or a missing checkpoint path, ``size`` for an impossible
     input size.
     """
@@ -78,8 +79,9 @@ def resolve_spec(family: str, name: str, *, weights: str, seed: int = 0,
         raise ParamError(f"seed: must be >= 0, got {seed}")
     module = _family_module(family)
     resolver = getattr(module, f"resolve_{module.__name__.rsplit('.', 1)[1]}_spec")
+    named = {"key": key} if key else {}
     return resolver(name, weights=weights, seed=seed, image_size=image_size, resize=resize,
-                    key=key)
+                    **named)
 
 
 def load_encoder(spec: EncoderSpec, device: torch.device | str = "cpu") -> Encoder:
