@@ -53,10 +53,12 @@ def test_behind_camera_outside_frame_and_depth_range_are_invalid() -> None:
         [-1.0, -0.4, 2.0],    # u = 0, v = 0: the first pixel centre -> valid
         [0.0, 0.0, 0.1],      # z == depth_min: excluded (strict)
         [0.0, 0.0, 5.0],      # z == depth_max: excluded (strict)
+        [np.nan, 0.0, 2.0],   # not a number
     ])
     proj = geometry.project_points(points, np.eye(4), K, SIZE, depth_min=0.1, depth_max=5.0)
-    assert proj.valid.tolist() == [False, False, False, False, False, True, True, False, False]
-    assert (proj.uv[:2] == geometry.UV_BEHIND).all()
+    assert proj.valid.tolist() == [False, False, False, False, False, True, True, False, False,
+                                   False]
+    assert (proj.uv[[0, 1, 9]] == geometry.UV_BEHIND).all()
     assert np.isfinite(proj.uv).all()
     np.testing.assert_allclose(proj.uv[5], [100.0, 80.0], atol=1e-4)
 

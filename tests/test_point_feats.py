@@ -171,6 +171,8 @@ def test_job_end_to_end(tmp_path: Path, resize: str, monkeypatch) -> None:
     else:
         assert keep.sum() < valid.sum()             # the crop removed some points
     np.testing.assert_allclose(feats[keep].astype(np.float32), want[keep], atol=4e-3)
+    prov = json.loads((tmp_path / "pf/provenance.json").read_text())
+    assert prov["clip_grid"]["scene0000_00"]["preprocessing"]["resize"] == resize
     metrics = json.loads((tmp_path / "metrics/sample_point_feats.json").read_text())
     assert metrics["frames"] == 1 and metrics["channels"] == 2
 

@@ -52,7 +52,7 @@ def world_to_camera(points: np.ndarray, cam_to_world: np.ndarray) -> np.ndarray:
 def camera_to_pixels(points_cam: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
     """Camera-frame points ``(N,3)`` → pixel coordinates ``(N,2)`` float64 with ``K (3,3)``.
 
-    Points with z <= 0 get ``UV_BEHIND``.
+    Points with z <= 0 (or non-finite coordinates) get ``UV_BEHIND``.
     """
     k = np.asarray(intrinsics, dtype=np.float64)[:3, :3]
     z = points_cam[:, 2]
@@ -60,7 +60,7 @@ def camera_to_pixels(points_cam: np.ndarray, intrinsics: np.ndarray) -> np.ndarr
     safe_z = np.where(front, z, 1.0)
     homog = points_cam @ k.T
     uv = homog[:, :2] / safe_z[:, None]
-    uv[~front] = UV_BEHIND
+    uv[~front | ~np.isfinite(uv).all(1)] = UV_BEHIND
     return uv
 
 

@@ -198,6 +198,22 @@ class PointFeatsJob:
         return [Piece(key=item, arrays=arrays)]
 
 
+def grid_sources(params: PointFeatsParams, items: list[str]) -> dict[str, Any]:
+    """Per scene, what made its CLIP grids (model, weights identity, preprocessing, grid), read
+    from the grid files' provenance, so the point features record their origin."""
+    import h5py
+
+    keep = ("model", "weights", "weights_id", "preprocessing", "grid", "code_version")
+    sources: dict[str, Any] = {}
+    for scene in sorted({item.split("/")[0] for item in items}):
+        path = Path(params.clip_grid) / f"{scene}.h5"
+        if path.is_file():
+            with h5py.File(path, "r") as f:
+                prov = json.loads(f.attrs.get("provenance", "{}"))
+            sources[scene] = {k: prov[k] for k in keep if k in prov}
+    return sources
+
+
 def check_inputs(params: PointFeatsParams) -> None:
     """Fail before any work, naming the key, when an input folder is missing."""
     for key in ("uv_index", "clip_grid"):
@@ -228,7 +244,8 @@ def sample_point_feats(params: PointFeatsParams) -> RunResult:
     items = job.items()
     inputs = sorted({Path(params.uv_index) / f"{i}.npz" for i in items}
                     | {job.grid_file(i) for i in items})
-    provenance = {"params": method_params(params), "notes": __doc__}
+    provenance = {"params": method_params(params), "notes": __doc__,
+                  "clip_grid": grid_sources(params, items)}
     fingerprint = {"params": method_params(params), "inputs": file_signature(inputs)}
     result = run_job(job, None, stage=STAGE, out=params.out, writer="npz",
                      provenance=provenance, fingerprint=fingerprint, params=params)
