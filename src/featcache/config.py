@@ -77,6 +77,9 @@ def validate_device(device: str, key: str) -> None:
 
 
 SHARED_KEYS = tuple(f.name for f in dataclasses.fields(SharedParams))
+STAGE_SECTIONS = ("download", "extract_clip_grid", "extract_dinov2", "extract_siglip",
+                  "extract_sam2", "edge_maps_methodB", "build_uv_index", "sample_point_feats",
+                  "verify")
 
 
 def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -93,6 +96,11 @@ def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
 
 def load_shared(data: dict[str, Any]) -> SharedParams:
     """Build :class:`SharedParams` from the top-level keys of a params mapping."""
+    unknown = sorted(k for k in data if k not in SHARED_KEYS and k not in STAGE_SECTIONS)
+    if unknown:
+        raise ParamError(f"{unknown[0]}: unknown top-level key; shared keys are "
+                         f"{', '.join(SHARED_KEYS)} and stage sections are "
+                         f"{', '.join(STAGE_SECTIONS)}")
     values = {k: data[k] for k in SHARED_KEYS if k in data}
     return build_dataclass(SharedParams, values, prefix="")
 
