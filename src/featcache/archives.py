@@ -1,0 +1,339 @@
+"""Getting remote files and archives: resumable verified downloads, safe unpacking.
+
+:func:`fetch` streams a URL to ``<dest>.part``, resumes after a dropped connection with an HTTP
+``Range`` request (a ``206`` reply is appended; a server that ignores ``Range`` and answers
+``200`` makes the transfer restart from byte 0), verifies the sha256 or md5, and only then moves
+the file to ``dest`` with ``os.replace``. On a checksum mismatch the ``.part`` is deleted and
+nothing is left at ``dest``. Without a known checksum the file's sha256 is recorded in a
+``<dest>.sha256`` sidecar (``sha256sum`` format) and a warning says so; later runs check
+against it.
+
+:func:`extract` refuses a whole archive - before anything reaches the target folder - if any
+member could write outside it or is not a plain file or folder: absolute paths, drive letters,
+``..`` components (also spelled with backslashes), symlinks, hardlinks, device files and FIFOs.
+Members are unpacked into a staging folder inside the target and then moved into place file by
+file with ``os.replace``, so an interrupted or refused extraction leaves no partial files at
+their final paths; the staging folder is removed on error and on the next run. Permissions,
+owners and timestamps from the archive are not applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import shutil
+import stat
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "featcache-download"
+_READ_CHUNK = 1 << 20
+
+STAGING_PREFIX = ".extracting-"
+_COPY_CHUNK = 1 << 20
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+class DownloadError(RuntimeError):
+    """A transfer failed for good (HTTP error, retries exhausted)."""
+
+
+class ChecksumError(DownloadError):
+    """The downloaded bytes do not have the expected checksum."""
+
+    def __init__(self, url: str, algorithm: str, expected: str, actual: str) -> None:
+        super().__init__(f"{url}: {algorithm} mismatch: expected {expected}, got {actual}; "
+                         "the partial download was deleted, nothing was written")
+        self.url, self.algorithm, self.expected, self.actual = url, algorithm, expected, actual
+
+
+class _Retryable(Exception):
+    """A transient failure: the transfer resumes from what ``.part`` already holds."""
+
+
+def fetch(url: str, dest: str | Path, sha256: str | None = None, *, md5: str | None = None,
+          retries: int = 5, timeout: float = 60.0, backoff_s: float = 1.0) -> Path:
+    """Download ``url`` to ``dest`` (see the module doc); return ``dest``.
+
+    An existing ``dest`` that matches the checksum (or its sidecar) is kept without a request.
+    ``retries`` counts the attempts after the first; waits grow as ``backoff_s * 2**k`` (<= 60 s).
+    Raises :class:`ChecksumError` or :class:`DownloadError`.
+    """
+    dest = Path(dest)
+    if dest.is_file() and _existing_matches(dest, sha256, md5):
+        log.info("%s: already present and verified", dest)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    _transfer_with_retries(url, part, retries, timeout, backoff_s)
+    digests = file_digests(part)
+    for algorithm, expected in (("sha256", sha256), ("md5", md5)):
+        if expected is not None and digests[algorithm] != expected.lower():
+            part.unlink()
+            raise ChecksumError(url, algorithm, expected, digests[algorithm])
+    os.replace(part, dest)
+    if sha256 is None:
+        _write_sidecar(dest, digests["sha256"], url, warn=md5 is None)
+    log.info("%s: downloaded and verified (%s)", dest, "sha256" if sha256 else
+             "md5" if md5 else "sha256 recorded")
+    return dest
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """``{"sha256": hex, "md5": hex}`` of a file, read once."""
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            sha.update(chunk)
+            md5.update(chunk)
+    return {"sha256": sha.hexdigest(), "md5": md5.hexdigest()}
+
+
+def _existing_matches(dest: Path, sha256: str | None, md5: str | None) -> bool:
+    digests = file_digests(dest)
+    sidecar = dest.with_name(dest.name + ".sha256")
+    if sha256 is None and md5 is None:
+        if not sidecar.is_file():  # only complete files are ever renamed to dest
+            _write_sidecar(dest, digests["sha256"], str(dest), warn=True)
+            return True
+        sha256 = sidecar.read_text().split()[0]
+    ok = (sha256 is None or digests["sha256"] == sha256) and (md5 is None or
+                                                              digests["md5"] == md5)
+    if not ok:
+        log.warning("%s: present but its checksum does not match; downloading again", dest)
+        dest.unlink()
+    return ok
+
+
+def _write_sidecar(dest: Path, sha256: str, url: str, warn: bool) -> None:
+    sidecar = dest.with_name(dest.name + ".sha256")
+    sidecar.write_text(f"{sha256}  {dest.name}\n")
+    if warn:
+        log.warning("%s: no published checksum; recorded sha256 %s in %s (pin it with "
+                    "download.sources to verify future downloads)", url, sha256, sidecar.name)
+
+
+def _transfer_with_retries(url: str, part: Path, retries: int, timeout: float,
+                           backoff_s: float) -> None:
+    for attempt in range(retries + 1):
+        try:
+            _transfer_once(url, part, timeout)
+            return
+        except _Retryable as e:
+            if attempt == retries:
+                raise DownloadError(f"{url}: giving up after {retries + 1} attempts: {e}; "
+                                    f"run again to resume from {part}") from None
+            delay = min(backoff_s * 2 ** attempt, 60.0)
+            log.warning("%s: %s; retrying in %.0f s (attempt %d of %d)", url, e, delay,
+                        attempt + 2, retries + 1)
+            time.sleep(delay)
+
+
+def _transfer_once(url: str, part: Path, timeout: float) -> None:
+    """One request: append to ``part`` from its current size, or restart it."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                          timeout=timeout)
+    except urllib.error.HTTPError as e:
+        _raise_for_status(url, part, offset, e)
+        return  # 416 for a range starting at the end: the .part is already complete
+    except (OSError, http.client.HTTPException) as e:
+        raise _Retryable(f"{type(e).__name__}: {e}") from None
+    with response:
+        if offset and response.status == 206:
+            start = _content_range_start(response.headers.get("Content-Range"))
+            if start != offset:
+                part.unlink()
+                raise _Retryable(f"server resumed at byte {start}, not {offset}; restarting")
+        elif offset:
+            log.info("%s: server ignored the Range request; restarting from byte 0", url)
+            offset = 0
+        _copy_body(response, part, append=offset > 0)
+
+
+def _raise_for_status(url: str, part: Path, offset: int, e: urllib.error.HTTPError) -> None:
+    if e.code == 416 and offset:  # range not satisfiable: the .part is complete or wrong
+        total = e.headers.get("Content-Range", "").rpartition("/")[2]
+        if total.isdigit() and int(total) == offset:
+            return
+        part.unlink()
+        raise _Retryable("server rejected the resume range; restarting") from None
+    if e.code in (408, 429) or e.code >= 500:
+        raise _Retryable(f"HTTP {e.code} {e.reason}") from None
+    hint = " (SA-1B links expire: get a fresh links file)" if e.code == 403 else ""
+    raise DownloadError(f"{url}: HTTP {e.code} {e.reason}{hint}") from None
+
+
+def _content_range_start(value: str | None) -> int:
+    """Start byte of ``Content-Range: bytes <start>-<end>/<total>``; -1 if unparsable."""
+    try:
+        return int((value or "").split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _copy_body(response: http.client.HTTPResponse, part: Path, append: bool) -> None:
+    expected = response.headers.get("Content-Length")
+    received = 0
+    try:
+        with part.open("ab" if append else "wb") as f:
+            while chunk := response.read(_READ_CHUNK):
+                f.write(chunk)
+                received += len(chunk)
+    except (OSError, http.client.HTTPException) as e:
+        raise _Retryable(f"connection lost after {received} bytes: {e}") from None
+    if expected is not None and received < int(expected):
+        raise _Retryable(f"connection closed after {received} of {expected} bytes")
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive member would escape the target folder or is not a regular file or folder."""
+
+    def __init__(self, archive: Path, member: str, reason: str) -> None:
+        super().__init__(f"{archive}: refusing member {member!r}: {reason}; nothing was extracted")
+        self.archive, self.member, self.reason = archive, member, reason
+
+
+def safe_member_path(archive: Path, name: str) -> PurePosixPath | None:
+    """The relative path a member may be written to, ``None`` for the archive root (``./``).
+
+    Raises :class:`UnsafeArchiveError` for absolute paths, drive letters, ``..`` and NUL bytes.
+    """
+    if "\x00" in name:
+        raise UnsafeArchiveError(archive, name, "NUL byte in the name")
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or (len(posix) >= 2 and posix[1] == ":"):
+        raise UnsafeArchiveError(archive, name, "absolute path")
+    parts = [p for p in posix.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchiveError(archive, name, "'..' path component")
+    return PurePosixPath(*parts) if parts else None
+
+
+def extract(archive: str | Path, target: str | Path) -> list[Path]:
+    """Unpack a zip or tar(.gz/.bz2/.xz) ``archive`` into ``target``; return the files written.
+
+    Existing files in ``target`` with the same relative path are replaced, other files are
+    kept (archives that share a top-level folder merge). Raises :class:`UnsafeArchiveError`
+    (nothing written) for an unsafe member, ``ValueError`` for an unknown archive format.
+    """
+    archive, target = Path(archive), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = target / f"{STAGING_PREFIX}{archive.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        if _is_zip(archive):
+            _unpack_zip(archive, staging)
+        elif _is_tar(archive):
+            _unpack_tar(archive, staging)
+        else:
+            raise ValueError(f"{archive}: not a zip or tar archive")
+        written = _move_into(staging, target, archive)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("extracted %d files from %s into %s", len(written), archive.name, target)
+    return written
+
+
+def _is_zip(archive: Path) -> bool:
+    if archive.name.lower().endswith(".zip"):
+        return True
+    return not archive.name.lower().endswith(_TAR_SUFFIXES) and zipfile.is_zipfile(archive)
+
+
+def _is_tar(archive: Path) -> bool:
+    return archive.name.lower().endswith(_TAR_SUFFIXES) or tarfile.is_tarfile(archive)
+
+
+def _unpack_zip(archive: Path, staging: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        members = zf.infolist()
+        checked = [(info, _check_zip_member(archive, info)) for info in members]
+        for info, rel in checked:
+            if rel is None:
+                continue
+            if info.is_dir():
+                (staging / rel).mkdir(parents=True, exist_ok=True)
+            else:
+                with zf.open(info) as src:
+                    _write_file(src, staging / rel)
+
+
+def _check_zip_member(archive: Path, info: zipfile.ZipInfo) -> PurePosixPath | None:
+    rel = safe_member_path(archive, info.filename)
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if info.create_system == 3 and kind:  # unix file type bits present (0 = unspecified)
+        if kind == stat.S_IFLNK:
+            raise UnsafeArchiveError(archive, info.filename, "symbolic link")
+        if kind not in (stat.S_IFREG, stat.S_IFDIR):
+            raise UnsafeArchiveError(archive, info.filename, "device file, FIFO or socket")
+    return rel
+
+
+def _unpack_tar(archive: Path, staging: Path) -> None:
+    """Stream the members in one pass; an unsafe one aborts (staging is then discarded)."""
+    with tarfile.open(archive, "r:*") as tf:
+        for member in tf:
+            rel = _check_tar_member(archive, member)
+            if rel is None:
+                continue
+            if member.isdir():
+                (staging / rel).mkdir(parents=True, exist_ok=True)
+                continue
+            src = tf.extractfile(member)
+            if src is None:
+                raise UnsafeArchiveError(archive, member.name, "unreadable member")
+            with src:
+                _write_file(src, staging / rel)
+
+
+def _check_tar_member(archive: Path, member: tarfile.TarInfo) -> PurePosixPath | None:
+    rel = safe_member_path(archive, member.name)
+    if member.issym():
+        raise UnsafeArchiveError(archive, member.name, f"symbolic link to {member.linkname!r}")
+    if member.islnk():
+        raise UnsafeArchiveError(archive, member.name, f"hard link to {member.linkname!r}")
+    if not (member.isreg() or member.isdir()):
+        raise UnsafeArchiveError(archive, member.name, "device file, FIFO or other special file")
+    return rel
+
+
+def _write_file(src: BinaryIO, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with dest.open("wb") as out:
+        shutil.copyfileobj(src, out, _COPY_CHUNK)
+
+
+def _move_into(staging: Path, target: Path, archive: Path) -> list[Path]:
+    """Move every staged file to the same relative path under ``target``.
+
+    All destinations are checked first: a folder in ``target`` that is a symlink leading
+    elsewhere is refused rather than followed.
+    """
+    root = target.resolve()
+    moves = [(p, target / p.relative_to(staging))
+             for p in sorted(staging.rglob("*")) if p.is_file()]
+    for src, dest in moves:
+        if not dest.parent.resolve().is_relative_to(root):
+            raise UnsafeArchiveError(archive, src.relative_to(staging).as_posix(),
+                                     f"{dest.parent} leads outside {target} (a symlink?)")
+    for path in sorted(staging.rglob("*")):
+        if path.is_dir():
+            (target / path.relative_to(staging)).mkdir(parents=True, exist_ok=True)
+    for src, dest in moves:
+        os.replace(src, dest)
+    return [dest for _, dest in moves]
