@@ -1,0 +1,60 @@
+"""dvc.yaml is the DAG of DESIGN.md: each stage's deps are its script plus exactly the src modules
+it imports, its params are its own section (plus shared keys), every path comes from params."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+SHARED = {"model", "weights", "device", "seed"}
+
+spec = importlib.util.spec_from_file_location("stage_deps", ROOT / "scripts" / "stage_deps.py")
+stage_deps = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(stage_deps)
+
+
+def test_every_stage_script_is_in_the_dag_and_vice_versa():
+    scripts = {p.stem for p in (ROOT / "stages").glob("*.py")}
+    assert scripts == set(DVC)
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_stage_shape(stage):
+    spec = DVC[stage]
+    assert spec["cmd"] == f"python stages/{stage}.py"
+    assert stage in spec["params"] and stage in PARAMS  # stage, script and section share a name
+    assert set(spec["params"]) - {stage} <= SHARED
+    assert "device" not in spec["params"]  # where it runs does not change what it computes
+    for path in spec["outs"] + spec.get("deps", []):
+        if not path.startswith(("stages/", "src/")):
+            assert path.startswith("${") and path.endswith("}"), f"{path}: write it in params.yaml"
+    lines = (ROOT / "stages" / f"{stage}.py").read_text().splitlines()
+    assert len(lines) < 60, "stage scripts are thin"
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_code_deps_are_exactly_the_imported_modules(stage):
+    declared = [d for d in DVC[stage]["deps"] if d.startswith(("stages/", "src/"))]
+    assert declared == stage_deps.stage_deps(stage), \
+        "run `python scripts/stage_deps.py --write` to update dvc.yaml"
+
+
+def test_featcache_package_is_never_a_whole_dependency():
+    for stage, spec in DVC.items():
+        assert "src/featcache" not in spec["deps"] and "src" not in spec["deps"], stage
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_shared_keys_read_are_declared(stage):
+    source = (ROOT / "stages" / f"{stage}.py").read_text()
+    modules = [ROOT / d for d in DVC[stage]["deps"] if d.endswith(".py")]
+    text = source + "".join(m.read_text() for m in modules if m.is_file())
+    for key in ("model", "weights", "seed"):
+        if f"shared.{key}" in text:
+            assert key in DVC[stage]["params"], f"{stage} reads shared.{key}"
