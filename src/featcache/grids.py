@@ -164,6 +164,13 @@ def pool_grid(grid: torch.Tensor, target: int) -> torch.Tensor:
     return F.avg_pool2d(grid, kernel_size=g // target)
 
 
+def arrange_grid(grid: torch.Tensor, target: int, layout: ArrayLayout) -> torch.Tensor:
+    """``[B, C, g, g]`` -> pooled to ``t`` and laid out: ``tokens`` ``[B, t*t, C]`` (row-major
+    over (y, x)) or ``chw`` ``[B, C, t, t]``."""
+    grid = pool_grid(grid, target)
+    return grid.flatten(2).transpose(1, 2) if layout == "tokens" else grid
+
+
 def alpha_grid(alpha: np.ndarray | None, shape: tuple[int, int], pre: Preprocessor,
                target: int) -> np.ndarray:
     """Alpha of an ``shape = (H, W)`` image averaged over each stored cell: ``(t, t)`` float32
@@ -250,9 +257,7 @@ class GridCompute:
         x = batch.inputs.to(self.device, non_blocking=True)
         with autocast_for(self.device):
             out = self.encoder(x)
-        grid = pool_grid(out.grid.float(), self.target)
-        if self.array_layout == "tokens":
-            grid = grid.flatten(2).transpose(1, 2)
+        grid = arrange_grid(out.grid.float(), self.target, self.array_layout)
         result = {"grids": grid.cpu().numpy()}
         if self.save_global:
             if out.pooled is None:
