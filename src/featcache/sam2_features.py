@@ -194,6 +194,18 @@ def sam2_provenance(encoder: Encoder, params: Sam2Params, precision: str) -> dic
     }
 
 
+def sam2_fingerprint(job: Sam2Job, params: Sam2Params, encoder: Encoder,
+                     precision: str) -> dict[str, Any]:
+    """Everything that determines the features (for the engine's resume scratch): the method
+    params (not the engine knobs), spec, weights identity, device type, precision, inputs."""
+    from featcache.engine import file_signature
+
+    return {"params": {k: v for k, v in as_dict(params).items() if k not in _ENGINE_KNOBS},
+            "spec": encoder.spec.to_dict(), "weights_id": encoder.weights_id,
+            "device": next(encoder.parameters()).device.type, "precision": precision,
+            "inputs": file_signature(job.folder / name for name in job.images)}
+
+
 def extract_sam2(shared: SharedParams, params: Sam2Params) -> RunResult:
     """Write ``<out>/<stem>_features.npz`` for every image of ``params.images``.
 
@@ -204,23 +216,20 @@ def extract_sam2(shared: SharedParams, params: Sam2Params) -> RunResult:
     built. Resumes an interrupted run with the same params, weights and inputs.
     """
     from featcache.encoders import Preprocessor, load_encoder, resolve_device, resolve_spec
-    from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
+    from featcache.engine import WriterOptions, finish_stage, run_job
+    from featcache.engine.distributed import init_distributed, rank_device
 
     spec = resolve_spec("sam2", params.config, weights=shared.weights, seed=shared.seed,
                         key=f"{STAGE}.config")
-    device = resolve_device(shared.device)
+    device = rank_device(resolve_device(shared.device), init_distributed())
     job = build_sam2_job(params, Preprocessor(spec))
     encoder = load_encoder(spec, device)
     precision = compute_precision(device, params.dtype)
-    method = {k: v for k, v in as_dict(params).items() if k not in _ENGINE_KNOBS}
-    fingerprint = {"params": method, "spec": spec.to_dict(), "weights_id": encoder.weights_id,
-                   "device": device.type, "precision": precision,
-                   "inputs": file_signature(job.folder / name for name in job.images)}
     result = run_job(job, Sam2Compute(encoder, device, precision), stage=STAGE,
                      out=params.out, writer="npz",
                      writer_options=WriterOptions(dtype=params.dtype, suffix=OUTPUT_SUFFIX),
                      provenance=sam2_provenance(encoder, params, precision),
-                     fingerprint=fingerprint,
+                     fingerprint=sam2_fingerprint(job, params, encoder, precision),
                      params=params, device=device)
     log.info("%s: %d images, %d written, %d failed", STAGE, result.items, result.records,
              result.failed)
