@@ -177,6 +177,35 @@ def test_open_clip_tag_download_then_offline_error(tmp_path, monkeypatch, downlo
     assert "weights: /path/to/checkpoint" in msg and len(downloads.calls) == 2
 
 
+def test_open_clip_tag_from_hub_mirror_in_data_weights(tmp_path, downloads, tiny_tag):
+    """data/weights/<hf repo>/<file>, the layout the download stage writes."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "data/weights/featcache-test/tiny/open_clip_model.safetensors"
+    path.parent.mkdir(parents=True)
+    save_file(tiny_tag.state_dict(), str(path))
+    check_same_as(tiny_tag, load_encoder(resolve_spec("open_clip", TINY_OPENCLIP, weights="t1")))
+    assert downloads.calls == []
+
+
+def test_openai_torchscript_archive_by_url_name(tmp_path, monkeypatch, downloads):
+    """OpenAI's original .pt files are TorchScript archives (and need QuickGELU)."""
+    import open_clip
+    from open_clip import pretrained
+
+    register_tiny_models()
+    monkeypatch.setitem(pretrained._PRETRAINED, TINY_OPENCLIP, {"oa": pretrained._pcfg(
+        url="https://example.invalid/clip/tiny-oa.pt", quick_gelu=True)})
+    torch.manual_seed(8)
+    model = open_clip.create_model(TINY_OPENCLIP, force_quick_gelu=True).eval()
+    (tmp_path / "data/weights").mkdir(parents=True)
+    torch.jit.script(model).save(str(tmp_path / "data/weights/tiny-oa.pt"))
+    assert W.is_torchscript_archive(tmp_path / "data/weights/tiny-oa.pt")
+    enc = load_encoder(resolve_spec("open_clip", TINY_OPENCLIP, weights="pretrained"))
+    assert enc.weights_id == "oa" and downloads.calls == []
+    check_same_as(model, enc)
+
+
 def test_dinov2_pretrained_from_data_weights(tmp_path, monkeypatch, downloads):
     from transformers import Dinov2Model
 

@@ -23,9 +23,11 @@ head, width 96, patch 16, 160 -> 10x10 grid, pooled 96, SigLIP preprocessing).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ TINY_SIGLIP = "featcache-tiny-siglip"
 _TINY_PREPROCESS = {TINY_SIGLIP: dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                                       interpolation="bicubic", resize_mode="squash")}
 _TIMM_TEST_PATCH = {"test_vit": 16, "test_vit2": 16, "test_vit3": 16, "test_vit4": 16}
+_JIT_EXTRAS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 _CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                      "open_clip_pytorch_model.bin")
 
@@ -156,27 +159,64 @@ class OpenClipEncoder(Encoder):
 
 
 def load_openclip(spec: EncoderSpec, device: torch.device | str = "cpu") -> OpenClipEncoder:
-    """Build the image tower once and load its weights (see :mod:`.weights`)."""
+    """Locate the weights (fails before building anything), build the model once, load them,
+    keep the image tower only (see :mod:`.weights`)."""
     import open_clip
 
     register_tiny_models()
     tag = resolve_tag(spec.name, spec.weights)
     tag_cfg = open_clip.get_pretrained_cfg(spec.name, tag) if tag else {}
-    W.seed_everything(spec.seed)
-    model = open_clip.create_model(
-        spec.name, pretrained=None, force_image_size=_forced_size(spec),
-        force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+    path = None
     if W.is_random(spec.weights):
         W.warn_random(f"open_clip {spec.name}", spec.seed)
         weights_id = W.random_weights_id(spec.seed)
+    elif tag is None:
+        path = Path(spec.weights).expanduser()
+        weights_id = W.sha256_path(path)
     else:
-        path = (Path(spec.weights).expanduser() if tag is None
-                else locate_openclip(spec.name, tag, tag_cfg))
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-        weights_id = W.sha256_path(path) if tag is None else tag
+        path, weights_id = locate_openclip(spec.name, tag, tag_cfg), tag
+    W.seed_everything(spec.seed)
+    with _quiet_random_init_warning():
+        model = open_clip.create_model(
+            spec.name, pretrained=None, force_image_size=_forced_size(spec),
+            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+    if path is not None:
+        load_checkpoint(model, path)
     visual = model.visual
     del model  # the text tower is not needed
     return finish_module(OpenClipEncoder(spec, weights_id, visual), device)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning() -> Iterator[None]:
+    """open_clip warns on the root logger that the model is random before we load weights
+    into it; the warning that matters (random weights) is ours."""
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """Load a checkpoint into a full open_clip model (strict). open_clip's own loader handles
+    state dicts (``.bin``/``.pt`` with ``weights_only=True``, ``.safetensors``, big_vision
+    ``.npz``); OpenAI's TorchScript ``.pt`` archives are read by :func:`W.load_state_dict_file`."""
+    import open_clip
+    from open_clip.model import resize_pos_embed
+
+    if not W.is_torchscript_archive(path):
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        return
+    state = {k: v for k, v in W.load_state_dict_file(path).items() if k not in _JIT_EXTRAS}
+    resize_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
 
 
 def _forced_size(spec: EncoderSpec) -> tuple[int, int] | int | None:
@@ -185,12 +225,20 @@ def _forced_size(spec: EncoderSpec) -> tuple[int, int] | int | None:
     return None if tuple(default) == spec.input_size else spec.input_size
 
 
-def local_weight_files(name: str, tag: str) -> list[Path]:
-    """Where ``data/weights`` may hold the checkpoint of ``name``/``tag``:
-    ``<dir>/<model>/<tag>/<file>``, and ``<dir>/<model>/<file>`` for the default tag."""
-    root = W.weights_dir() / name
-    folders = [root / tag] + ([root] if tag == default_tag(name) else [])
-    return [folder / f for folder in folders for f in _CHECKPOINT_NAMES]
+def local_weight_files(name: str, tag: str, tag_cfg: dict[str, Any]) -> list[Path]:
+    """Where ``data/weights`` may hold the checkpoint of ``name``/``tag``, in order:
+    ``<model>/<tag>/<file>``; ``<model>/<file>`` for the default tag; the HF repo's path
+    (``timm/ViT-B-16-SigLIP/open_clip_model.safetensors``); the URL's file name
+    (``ViT-B-16.pt`` for OpenAI's tags). ``<file>`` is one of open_clip's checkpoint names."""
+    root = W.weights_dir()
+    folders = [root / name / tag] + ([root / name] if tag == default_tag(name) else [])
+    files = [folder / f for folder in folders for f in _CHECKPOINT_NAMES]
+    repo, filename = _hf_location(tag_cfg)
+    if repo:
+        files += [root / repo / f for f in _hf_candidates(filename)]
+    if tag_cfg.get("url"):
+        files.append(root / Path(tag_cfg["url"]).name)
+    return files
 
 
 def locate_openclip(name: str, tag: str, tag_cfg: dict[str, Any]) -> Path:
@@ -219,7 +267,8 @@ def locate_openclip(name: str, tag: str, tag_cfg: dict[str, Any]) -> Path:
 
     how = (f"Put {_CHECKPOINT_NAMES[0]} or {_CHECKPOINT_NAMES[2]} in "
            f"{W.weights_dir() / name / tag}/ or set weights: /path/to/checkpoint")
-    return W.locate_weights(f"open_clip {name} (tag {tag})", local_weight_files(name, tag),
+    return W.locate_weights(f"open_clip {name} (tag {tag})",
+                            local_weight_files(name, tag, tag_cfg),
                             cached, download, how)
 
 

@@ -24,6 +24,8 @@ import hashlib
 import logging
 import os
 import random
+import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,7 +114,7 @@ def locate_weights(what: str, local: Sequence[Path], cached: Callable[[], Path |
     if found is not None:
         log.info("weights for %s from the local cache: %s", what, found)
         return found
-    places = ", ".join(str(p) for p in local) + ", the local HF hub/open_clip cache"
+    places = describe_paths(local) + "; the local HF hub/open_clip cache"
     if hub_offline():
         raise WeightsNotFoundError(
             f"weights for {what} not found in {places}, and HF_HUB_OFFLINE is set so nothing "
@@ -124,6 +126,15 @@ def locate_weights(what: str, local: Sequence[Path], cached: Callable[[], Path |
         raise WeightsNotFoundError(
             f"weights for {what} not found in {places}, and the download failed ({e}). {how}"
         ) from e
+
+
+def describe_paths(paths: Sequence[Path]) -> str:
+    """Compact listing grouped by folder: ``data/weights/M/{a.bin, b.safetensors}; ...``."""
+    groups: dict[Path, list[str]] = {}
+    for p in paths:
+        groups.setdefault(p.parent, []).append(p.name)
+    return "; ".join(f"{folder}/{names[0]}" if len(names) == 1
+                     else f"{folder}/{{{', '.join(names)}}}" for folder, names in groups.items())
 
 
 def sha256_path(path: str | Path) -> str:
@@ -157,7 +168,9 @@ def warn_random(what: str, seed: int) -> None:
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's tensors: safetensors, or ``torch.load(weights_only=True)``."""
+    """A checkpoint's tensors: safetensors, ``torch.load(weights_only=True)``, or for a
+    TorchScript archive (OpenAI's original CLIP ``.pt`` files) the archive's ``state_dict()``
+    read with ``torch.jit.load`` (TorchScript's restricted unpickler, no Python classes)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -165,4 +178,18 @@ def load_state_dict_file(path: str | Path) -> dict[str, Any]:
         return load_file(str(path), device="cpu")
     import torch
 
+    if is_torchscript_archive(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """A zip holding ``<root>/constants.pkl`` and ``<root>/code/`` (what ``torch.jit.save``
+    writes); ``torch.save`` archives have neither."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
