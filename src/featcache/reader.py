@@ -12,7 +12,8 @@ kinds):
 - ``hdf5``: one dataset per key and field named ``{key}_{field}``; default field ``grids``
   (or the only field in the file);
 - ``hdf5_packed``: ``keys (N,)`` plus ``(N, ...)`` datasets, row ``i`` belongs to ``keys[i]``;
-  default field: the only floating-point dataset (e.g. siglip's ``embeddings``);
+  default field: ``grids`` if present, else the only floating-point dataset (e.g. siglip's
+  ``embeddings``);
 - ``npy``: a folder with ``index.tsv`` (``key``, ``field``, ``file``); default field: the one
   stored as ``{key}.npy``;
 - ``npz``: a folder of ``{key}{suffix}.npz`` (sub-folders allowed: the key keeps the relative
@@ -119,7 +120,7 @@ class FeatureStore(Mapping):
         if field is not None or self.layout == "npz":
             return field
         fields = self.fields()
-        if self.layout == "hdf5" and "grids" in fields:
+        if self.layout != "npy" and "grids" in fields:
             return "grids"
         if self.layout == "npy" and fields:
             return fields[0]
