@@ -81,6 +81,8 @@ def recompute(prov: dict[str, Any], folder: Path, keys: list[str], field: str,
     from featcache.grids import GridCompute, build_grid_job
     from featcache.images import list_images
 
+    if not folder.is_dir():
+        return {}, [(key, f"image folder not found: {folder}") for key in keys]
     spec = spec_from_provenance(prov["preprocessing"])
     mask_target = prov["grid"] if field == "mask" else None
     job = build_grid_job(folder, list_images(folder), prov["key_rule"], Preprocessor(spec),
