@@ -258,6 +258,30 @@ def decode_panoptic_png(path: str | Path) -> np.ndarray:
     return rgb_to_ids(decoded.rgb)
 
 
+def read_ids_and_image(split: PanopticSplit, image: PanopticImage,
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """An image's segment ids ``int64 (H, W)`` and pixels ``uint8 (H, W, 3)``, pixel-aligned.
+
+    The image is decoded by :func:`featcache.images.load_image` (EXIF orientation applied,
+    grayscale and CMYK converted to RGB, alpha ignored). Raises :class:`PanopticError`:
+    ``missing_png``/``bad_png`` (see :func:`decode_panoptic_png`), ``bad_image`` (missing or
+    undecodable image), ``size_mismatch`` (PNG and image differ in size: masks would be
+    misaligned, e.g. an EXIF rotation the PNG does not have).
+    """
+    from featcache.images import ImageDecodeError, load_image
+
+    ids = decode_panoptic_png(split.png_dir / image.png_file)
+    try:
+        rgb = load_image(split.image_dir / image.image_file).rgb
+    except ImageDecodeError as e:
+        raise PanopticError("bad_image", str(e)) from None
+    if rgb.shape[:2] != ids.shape:
+        raise PanopticError("size_mismatch", f"{image.image_file} is {rgb.shape[1]}x"
+                                             f"{rgb.shape[0]} but {image.png_file} is "
+                                             f"{ids.shape[1]}x{ids.shape[0]} (WxH)")
+    return ids, rgb
+
+
 def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
     """``uint8 (H, W, 3)`` -> ``int64 (H, W)`` ids ``R + 256 G + 256^2 B``."""
     c = rgb.astype(np.int64)

@@ -33,8 +33,7 @@ import numpy as np
 
 from featcache.atomic import write_text
 from featcache.coco_panoptic import (PanopticEntry, PanopticError, PanopticSplit,
-                                     decode_panoptic_png, image_key, read_panoptic_split,
-                                     segment_key)
+                                     read_ids_and_image, read_panoptic_split, segment_key)
 from featcache.config import ParamError, SharedParams, as_dict, require
 from featcache.engine.types import Batch, EngineParams, Failure, Piece, RunResult
 
@@ -58,7 +57,7 @@ class SiglipParams(EngineParams):
     """The ``extract_siglip`` section of params.yaml (see the module docstring).
 
     ``coco``: COCO root; ``split``: e.g. ``val2017``; ``out``: output folder; ``model``: any
-    open_clip model name; ``bg_alpha`` in [0, 1] (1 = no blending); ``pad_ratio`` >= 0;
+    open_clip model name; ``bg_alpha`` in [0, 1] (1 = no blending); ``pad_ratio`` in [0, 10];
     ``fill``: RGB in 0..255; ``min_crop``: smallest crop side in pixels (>= 1).
     """
 
@@ -167,7 +166,7 @@ class SiglipJob:
         if not image.segments:
             return out
         try:
-            ids, rgb = self._decode(image.png_file, image.image_file)
+            ids, rgb = read_ids_and_image(self.split, image)
         except PanopticError as e:
             return out + [Failure(item, e.code, str(e))]
         for seg in image.segments:
@@ -184,22 +183,6 @@ class SiglipJob:
                                            "segment_id": np.int64(seg.id),
                                            "iscrowd": np.uint8(seg.iscrowd)}))
         return out
-
-    def _decode(self, png_file: str, image_file: str) -> tuple[np.ndarray, np.ndarray]:
-        """``ids int64 (H, W)`` and ``rgb uint8 (H, W, 3)``; raises :class:`PanopticError`
-        (``missing_png``, ``bad_png``, ``bad_image``, ``size_mismatch``)."""
-        from featcache.images import ImageDecodeError, load_image
-
-        ids = decode_panoptic_png(self.split.png_dir / png_file)
-        try:
-            rgb = load_image(self.split.image_dir / image_file).rgb
-        except ImageDecodeError as e:
-            raise PanopticError("bad_image", str(e)) from None
-        if rgb.shape[:2] != ids.shape:
-            raise PanopticError("size_mismatch", f"{image_file} is {rgb.shape[1]}x{rgb.shape[0]} "
-                                                 f"but {png_file} is {ids.shape[1]}x{ids.shape[0]}"
-                                                 " (WxH); masks would be misaligned")
-        return ids, rgb
 
     def input_files(self) -> list[Path]:
         """Every file the job reads, for the resume fingerprint."""
@@ -230,6 +213,10 @@ class SiglipCompute:
         with autocast_for(self.device):
             pooled = self.encoder(x).pooled
         emb = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+        bad = ~(np.abs(np.linalg.norm(emb, axis=1) - 1.0) < 1e-3)  # NaN/inf or zero pooled
+        if bad.any():  # stop rather than store a wrong feature
+            raise FloatingPointError(f"pooled output not normalisable for "
+                                     f"{np.asarray(batch.keys)[bad].tolist()}")
         out = {"embeddings": emb}
         if self.with_ids:
             out.update({name: np.stack(batch.arrays[name])
