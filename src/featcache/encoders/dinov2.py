@@ -74,6 +74,10 @@ def resolve_dinov2_spec(name: str, *, weights: str, seed: int = 0, image_size: i
         raise ParamError(f"size: must be a positive multiple of {PATCH}, got {size}")
     if W.looks_like_path(weights) and not Path(weights).expanduser().exists():
         raise ParamError(f"weights: checkpoint not found: {weights}")
+    if not (W.is_random(weights) or weights == W.PRETRAINED or W.looks_like_path(weights)
+            or weights.count("/") == 1):
+        raise ParamError(f"weights: DINOv2 takes random, pretrained, an HF repo id "
+                         f"(org/name) or a path, got {weights!r}")
     return EncoderSpec(family="dinov2", name=name, weights=weights, input_size=(size, size),
                        resize=resize or "shortest_crop", mean=IMAGENET_MEAN, std=IMAGENET_STD,
                        interpolation="bicubic", patch_size=PATCH, seed=seed)

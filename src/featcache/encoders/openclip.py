@@ -7,8 +7,9 @@ One forward pass gives both outputs, through the tower's own ``forward_intermedi
 - ``grid`` ``[B, width, h, w]``: the tokens of block ``spec.layer`` (the last by default) after
   the tower's final norm (``ln_post`` for open_clip ViTs, ``trunk.norm`` for timm towers), prefix
   tokens (CLS, registers) removed. The tokens are NOT passed through ``proj``, so the width is the
-  transformer width (768 for ViT-B-16, 1024 for ViT-L-14), not ``embed_dim``. Pooling the grid
-  (e.g. to 7x7) is the stage's business.
+  transformer width (768 for ViT-B-16, 1024 for ViT-L-14), not ``embed_dim``. For CNN towers
+  (RN50, ConvNeXt) it is the last stage's feature map (stride 32). Pooling the grid (e.g. to
+  7x7) is the stage's business.
 
 Preprocessing is the one open_clip attaches to the weights' tag (``mean``/``std``,
 ``interpolation``, ``resize_mode``: ``shortest`` -> ``shortest_crop``, ``squash``); with
@@ -112,7 +113,7 @@ def preprocess_cfg(name: str, tag: str | None) -> dict[str, Any]:
 
 def patch_size(vision_cfg: dict[str, Any]) -> int:
     """Stride of the grid in input pixels (32 for CNN towers)."""
-    if "patch_size" in vision_cfg:
+    if vision_cfg.get("patch_size"):
         return int(vision_cfg["patch_size"])
     timm_name = vision_cfg.get("timm_model_name", "")
     m = re.search(r"patch(\d+)", timm_name)

@@ -121,17 +121,20 @@ class Sam2Encoder(Encoder):
 def load_sam2(spec: EncoderSpec, device: torch.device | str = "cpu") -> Sam2Encoder:
     """Build the image encoder once: seeded random init, the official checkpoint, or a file in
     the official ``{"model": state_dict}`` format (only ``image_encoder.*`` keys are used)."""
-    W.seed_everything(spec.seed)
-    encoder = build_image_encoder(spec.name, scalp=0)
+    path = None
     if W.is_random(spec.weights):
         W.warn_random(f"SAM2 {spec.name}", spec.seed)
         weights_id = W.random_weights_id(spec.seed)
+    elif spec.weights == W.PRETRAINED:
+        path = locate_sam2(spec.name)   # before building: a missing file fails fast
+        weights_id = checkpoint_name(spec.name)
     else:
-        path = (locate_sam2(spec.name) if spec.weights == W.PRETRAINED
-                else Path(spec.weights).expanduser())
+        path = Path(spec.weights).expanduser()
+        weights_id = W.sha256_path(path)
+    W.seed_everything(spec.seed)
+    encoder = build_image_encoder(spec.name, scalp=0)
+    if path is not None:
         load_image_encoder_weights(encoder, path)
-        weights_id = checkpoint_name(spec.name) if spec.weights == W.PRETRAINED \
-            else W.sha256_path(path)
     return finish_module(Sam2Encoder(spec, weights_id, encoder), device)
 
 
