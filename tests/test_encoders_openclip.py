@@ -3,6 +3,8 @@ random weights, CPU), checkpoint loading through the path route."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 
 import numpy as np
@@ -128,7 +130,6 @@ def test_layer_selects_a_block(tmp_path):
     model = upstream_model(TINY_OPENCLIP, seed=3)
     ckpt = tmp_path / "m.pt"
     torch.save(model.state_dict(), ckpt)
-    import dataclasses
     spec = dataclasses.replace(resolve_spec("open_clip", TINY_OPENCLIP, weights=str(ckpt)),
                                layer=0)
     x = torch.randn(1, 3, 224, 224)
@@ -176,8 +177,6 @@ def test_random_weights_are_seeded_and_warned(caplog):
 
 
 def test_provenance_is_json_able():
-    import json
-
     enc = load_encoder(resolve_spec("open_clip", TINY_OPENCLIP, weights="random"))
     prov = json.loads(json.dumps(enc.provenance()))
     assert prov["model"] == TINY_OPENCLIP and prov["family"] == "open_clip"
