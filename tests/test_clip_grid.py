@@ -3,7 +3,12 @@ and generated images; shapes of the real ViT-B/16, ViT-L/14, ViT-B/32 on the met
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,11 +17,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from featcache.clip_grid import STAGE, ClipGridParams, extract_clip_grid, plan_clip_grid
 from featcache.config import ParamError, SharedParams, build_dataclass, load_stage_params
-from featcache.encoders import TINY_OPENCLIP, Preprocessor, resolve_spec
+from featcache.encoders import TINY_DINOV2, TINY_OPENCLIP, Preprocessor, resolve_spec
 from featcache.grids import alpha_grid, arrange_grid, check_target_grid, image_key, pool_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,3 +254,89 @@ def test_missing_or_empty_split_fails_before_loading_a_model(
 def test_repository_params_section_is_valid() -> None:
     shared, params = load_stage_params(STAGE, ClipGridParams, REPO / "params.yaml")
     assert params.splits and plan_clip_grid(shared, params).grid > 0
+
+
+# --- real dvc: `dvc exp run -S model=...` ------------------------------------------------------
+
+DVC_PARAMS = {
+    "model": TINY_OPENCLIP, "weights": "random", "device": "cpu", "seed": 0,
+    "extract_clip_grid": {"root": "data/raw", "out": "data/features/clip_grid", "num_workers": 0,
+                          "splits": [{"name": "val", "images": "imgs"}]},
+    "extract_dinov2": {"root": "data/raw", "out": "data/features/dinov2", "num_workers": 0,
+                       "model": TINY_DINOV2, "size": 56,
+                       "splits": [{"name": "val", "images": "imgs"}]},
+}
+SUMMARIZE = """import json, featcache
+grids = featcache.open_features("data/features/clip_grid/val.h5")
+json.dump({k: list(grids[k].shape) for k in grids}, open("summary.json", "w"))
+"""
+
+
+def dvc_repo(repo: Path) -> Path:
+    """A git+DVC repo with the real extract_clip_grid/extract_dinov2 stages of dvc.yaml plus a
+    stage reading the CLIP grids (a dependent), on three generated JPEGs."""
+    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    for stage in ("extract_clip_grid", "extract_dinov2"):
+        (repo / "stages").mkdir(exist_ok=True)
+        shutil.copy(REPO / "stages" / f"{stage}.py", repo / "stages")
+    real = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    stages = {k: real[k] for k in ("extract_clip_grid", "extract_dinov2")}
+    stages["summarize"] = {"cmd": "python summarize.py", "outs": ["summary.json"],
+                           "deps": ["summarize.py", "${extract_clip_grid.out}"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(DVC_PARAMS, sort_keys=False))
+    (repo / "summarize.py").write_text(SUMMARIZE)
+    (repo / ".dvcignore").write_text("__pycache__/\n*.pyc\n.featcache/\n")
+    (repo / ".gitignore").write_text(".featcache/\n__pycache__/\n")
+    rng = np.random.default_rng(3)
+    (repo / "data" / "raw" / "imgs").mkdir(parents=True)
+    for i in (1, 2, 3):
+        Image.fromarray(rng.integers(0, 256, (40, 60, 3), np.uint8)).save(
+            repo / "data" / "raw" / "imgs" / f"{i:012d}.jpg")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "init"]):
+        dvc_sh(cmd, repo)
+    return repo
+
+
+def dvc_sh(cmd: list[str], cwd: Path) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(cwd.parent / "dvc-site"),
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def ran_stages(log: str) -> set[str]:
+    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_switches_model_and_back_from_the_run_cache(tmp_path: Path) -> None:
+    from featcache.encoders import TINY_SIGLIP
+
+    repo = dvc_repo(tmp_path / "repo")
+    h5 = repo / "data" / "features" / "clip_grid" / "val.h5"
+    first = dvc_sh(["dvc", "repro"], repo)
+    assert ran_stages(first) == {"extract_clip_grid", "extract_dinov2", "summarize"}, first
+    baseline, summary = sha256(h5), json.loads((repo / "summary.json").read_text())
+    assert summary == {"1": [196, TINY_WIDTH], "2": [196, TINY_WIDTH], "3": [196, TINY_WIDTH]}
+    dvc_sh(["git", "add", "-A"], repo)
+    dvc_sh(["git", "commit", "-qm", "baseline"], repo)
+
+    other = dvc_sh(["dvc", "exp", "run", "-S", f"model={TINY_SIGLIP}"], repo)
+    assert ran_stages(other) == {"extract_clip_grid", "summarize"}, other
+    assert sha256(h5) != baseline
+    assert json.loads((repo / "summary.json").read_text())["1"] == [100, 96]  # 160/16, width 96
+
+    back = dvc_sh(["dvc", "exp", "run", "-S", f"model={TINY_OPENCLIP}"], repo)
+    assert ran_stages(back) == set(), back
+    assert "Stage 'extract_clip_grid' is cached - skipping run" in back, back
+    assert sha256(h5) == baseline
+    assert json.loads((repo / "summary.json").read_text()) == summary
