@@ -224,3 +224,20 @@ def test_quick_gelu_follows_the_tag(monkeypatch, tmp_path):
     enc = load_encoder(resolve_spec("open_clip", TINY_OPENCLIP, weights="pretrained"))
     assert enc.weights_id == "qg"
     assert type(enc.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "dinov2", "sam2"])
+def test_tiny_shapes_table_is_true(kind):
+    """encoder_fixtures.TINY_SHAPES is what other tests rely on: check it against the models."""
+    from encoder_fixtures import TINY_SHAPES, tiny_encoder
+
+    enc, shapes = tiny_encoder(kind), TINY_SHAPES[kind]
+    assert enc.spec.input_size == shapes["input"]
+    with torch.inference_mode():
+        out = enc(torch.randn(1, 3, *shapes["input"]))
+    if kind == "sam2":
+        assert {k: tuple(v.shape[1:]) for k, v in out.levels.items()} == \
+            {k: shapes[k] for k in ("P4_S16", "P5_S32")}
+        return
+    assert tuple(out.grid.shape[1:]) == shapes["grid"]
+    assert (None if out.pooled is None else tuple(out.pooled.shape[1:])) == shapes["pooled"]
