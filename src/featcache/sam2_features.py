@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 STAGE = "extract_sam2"
 OUTPUT_SUFFIX = "_features"
 FEATURE_FLAG = 1
-LEVEL_SHAPES = {"P4_S16": (256, 64, 64), "P5_S32": (256, 32, 32)}  # at the 1024 input
+LEVELS = ("P4_S16", "P5_S32")  # (256, 64, 64) and (256, 32, 32) at the 1024 input
 _ENGINE_KNOBS = frozenset(f.name for f in fields(EngineParams))  # never change the result
 
 
@@ -153,7 +153,7 @@ class Sam2Compute:
         x = batch.inputs.to(self.device, non_blocking=True)
         with autocast_for(self.device, self.precision):
             levels = self.encoder(x).levels
-        return feature_fields({k: levels[k].float().cpu().numpy() for k in LEVEL_SHAPES},
+        return feature_fields({k: levels[k].float().cpu().numpy() for k in LEVELS if k in levels},
                               self.encoder.spec.input_size[0])
 
 
