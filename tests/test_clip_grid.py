@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from PIL import Image
 from featcache.clip_grid import STAGE, ClipGridParams, extract_clip_grid, plan_clip_grid
 from featcache.config import ParamError, SharedParams, build_dataclass, load_stage_params
 from featcache.encoders import TINY_DINOV2, TINY_OPENCLIP, Preprocessor, resolve_spec
-from featcache.grids import alpha_grid, arrange_grid, check_target_grid, image_key, pool_grid
+from featcache.grids import (alpha_grid, arrange_grid, build_grid_job, check_target_grid, image_key,
+                             pool_grid)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = SharedParams(model=TINY_OPENCLIP, weights="random", device="cpu", seed=0)
@@ -83,7 +85,8 @@ def read_h5(path: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name, rule, key", [
     ("000000000139.jpg", "image_id", "139"), ("COCO_train2014_000000000009.jpg", "image_id", "9"),
     ("3.jpg", "image_id", "3"), ("rgb_photo.png", "image_id", "rgb_photo"),
-    ("sa_12.jpg", "image_id", "sa_12"), ("000000000139.jpg", "stem", "000000000139")])
+    ("sa_12.jpg", "image_id", "sa_12"), ("000000000139.jpg", "stem", "000000000139"),
+    ("\u00b2.jpg", "image_id", "\u00b2")])
 def test_image_key_rules(name: str, rule: str, key: str) -> None:
     assert image_key(name, rule) == key
 
@@ -127,6 +130,22 @@ def test_alpha_mask_is_the_area_average_per_cell() -> None:
     big = np.kron(alpha, np.ones((2, 2), np.uint8))  # downscaled by 2 with area averaging
     np.testing.assert_array_equal(alpha_grid(big, (448, 448), pre, 0), native)
     np.testing.assert_array_equal(alpha_grid(None, (10, 10), pre, 7), np.ones((7, 7)))
+
+
+def test_job_is_picklable_for_spawned_workers(tmp_path: Path) -> None:
+    from featcache.images import list_images
+
+    write_split(tmp_path / "imgs")
+    pre = Preprocessor(resolve_spec("open_clip", TINY_OPENCLIP, weights="random"))
+    paths = list_images(tmp_path / "imgs")
+    job = build_grid_job(tmp_path / "imgs", paths, "image_id", pre, (255, 255, 255), 7)
+    copy = pickle.loads(pickle.dumps(job))
+    piece, same = job.load("cutout.png")[0], copy.load("cutout.png")[0]
+    assert piece.key == same.key == "cutout" and piece.tensor.shape == (3, 224, 224)
+    assert torch.equal(piece.tensor, same.tensor)
+    np.testing.assert_array_equal(piece.arrays["mask"], same.arrays["mask"])
+    assert copy.load("139.png")[0].error == "duplicate_key"
+    assert copy.load("broken.jpg")[0].error == "decode_error"
 
 
 @pytest.mark.parametrize("model, grid, shape", [

@@ -102,7 +102,7 @@ def image_key(name: str, rule: KeyRule) -> str:
         return stem
     match = _COCO_NAME.match(stem)
     digits = match.group(1) if match else stem
-    return str(int(digits)) if digits.isdigit() else stem
+    return str(int(digits)) if digits.isascii() and digits.isdigit() else stem
 
 
 def list_splits(params: GridParams, stage: str) -> dict[str, tuple[Path, list[Path]]]:
