@@ -8,7 +8,7 @@ mismatch or an unsafe archive. Kept free of torch so that it starts instantly.
 import logging
 import sys
 
-from featcache.archives import DownloadError, UnsafeArchiveError
+from featcache.archives import ArchiveError, DownloadError
 from featcache.config import ParamError, load_stage_params
 from featcache.download import DownloadParams, run_download
 
@@ -23,7 +23,7 @@ def main() -> int:
     except ParamError as e:
         log.error("bad parameter in params.yaml: %s", e)
         return 2
-    except (DownloadError, UnsafeArchiveError, FileExistsError) as e:
+    except (DownloadError, ArchiveError, FileExistsError) as e:
         log.error("%s", e)
         return 1
     return 0

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from featcache.archives import (ChecksumError, DownloadError, UnsafeArchiveError, extract,
-                                fetch, file_digests)
+from featcache.archives import (ArchiveError, ChecksumError, DownloadError, UnsafeArchiveError,
+                                extract, fetch, file_digests)
 from featcache.config import ParamError, SharedParams, build_dataclass
 from featcache.download import SOURCES, DownloadParams, run_download
 
@@ -273,10 +273,18 @@ def test_symlinked_folder_in_target_is_not_followed(tmp_path: Path) -> None:
     assert list(outside.iterdir()) == []
 
 
-def test_not_an_archive(tmp_path: Path) -> None:
+def test_not_an_archive_and_corrupt_archives(tmp_path: Path) -> None:
     (tmp_path / "x.bin").write_bytes(b"hello")
-    with pytest.raises(ValueError, match="not a zip or tar"):
+    with pytest.raises(ArchiveError, match="not a zip or tar"):
         extract(tmp_path / "x.bin", tmp_path / "out")
+    good = _zip(tmp_path / "a.zip", {"a.txt": b"x" * 1000}).read_bytes()
+    (tmp_path / "cut.zip").write_bytes(good[: len(good) // 2])
+    good_tar = _tar(tmp_path / "a.tar.gz", [("a.txt", bytes(range(256)) * 400)]).read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(good_tar[: len(good_tar) // 2])
+    for name in ("cut.zip", "cut.tar.gz"):
+        with pytest.raises(ArchiveError, match="corrupt or truncated"):
+            extract(tmp_path / name, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 # ---------------------------------------------------------------- params

@@ -30,6 +30,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -199,7 +200,11 @@ def _copy_body(response: http.client.HTTPResponse, part: Path, append: bool) -> 
         raise _Retryable(f"connection closed after {received} of {expected} bytes")
 
 
-class UnsafeArchiveError(ValueError):
+class ArchiveError(ValueError):
+    """An archive cannot be unpacked (corrupt, truncated, unknown format or unsafe)."""
+
+
+class UnsafeArchiveError(ArchiveError):
     """An archive member would escape the target folder or is not a regular file or folder."""
 
     def __init__(self, archive: Path, member: str, reason: str) -> None:
@@ -228,7 +233,8 @@ def extract(archive: str | Path, target: str | Path) -> list[Path]:
 
     Existing files in ``target`` with the same relative path are replaced, other files are
     kept (archives that share a top-level folder merge). Raises :class:`UnsafeArchiveError`
-    (nothing written) for an unsafe member, ``ValueError`` for an unknown archive format.
+    (nothing written) for an unsafe member, :class:`ArchiveError` for a corrupt archive or an
+    unknown format.
     """
     archive, target = Path(archive), Path(target)
     target.mkdir(parents=True, exist_ok=True)
@@ -241,8 +247,11 @@ def extract(archive: str | Path, target: str | Path) -> list[Path]:
         elif _is_tar(archive):
             _unpack_tar(archive, staging)
         else:
-            raise ValueError(f"{archive}: not a zip or tar archive")
+            raise ArchiveError(f"{archive}: not a zip or tar archive")
         written = _move_into(staging, target, archive)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+        raise ArchiveError(f"{archive}: corrupt or truncated archive ({e}); delete it and run "
+                           "again to download it afresh") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("extracted %d files from %s into %s", len(written), archive.name, target)

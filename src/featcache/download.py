@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from featcache.archives import extract, fetch
-from featcache.config import ParamError, SharedParams, require
+from featcache.config import SharedParams, require
 from featcache.sample import generate_sample
 from featcache.sample.scannet import SCENE_LIST
 
@@ -306,5 +306,6 @@ def _drop_archive(params: DownloadParams, archive: Path) -> None:
         archive.with_name(archive.name + ".sha256").unlink(missing_ok=True)
 
 
-__all__ = ["DownloadParams", "ParamError", "run_download", "fetch_source", "read_sa1b_links",
-           "find_scannet_scenes", "download_coco", "download_sa1b", "link_scannet"]
+__all__ = ["SOURCES", "DownloadParams", "Source", "download_coco", "download_sa1b", "extract",
+           "fetch", "fetch_source", "find_scannet_scenes", "link_scannet", "read_sa1b_links",
+           "run_download"]
