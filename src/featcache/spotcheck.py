@@ -76,6 +76,8 @@ def spot_check(path: str | Path, n: int = 4, *, images: str | Path | None = None
 def recompute(prov: dict[str, Any], folder: Path, keys: list[str], field: str,
               device: str = "cpu") -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """Live float32 arrays of ``keys`` (as stored under ``field``) and ``(key, reason)`` errors."""
+    import torch
+
     from featcache.encoders import Preprocessor, load_encoder, resolve_device
     from featcache.engine import Failure, make_batch
     from featcache.grids import GridCompute, build_grid_job
@@ -100,7 +102,8 @@ def recompute(prov: dict[str, Any], folder: Path, keys: list[str], field: str,
         if isinstance(loaded[0], Failure):
             errors.append((key, f"{loaded[0].error}: {loaded[0].message}"))
             continue
-        out = compute(make_batch(loaded))
+        with torch.inference_mode():
+            out = compute(make_batch(loaded))
         live[key] = np.asarray(out[field][0], dtype=np.float32)
     return live, errors
 
