@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from featcache.coco_panoptic import (PanopticError, decode_panoptic_png, ids_to_rgb,
-                                     image_key, parse_annotations, read_panoptic_split,
-                                     rgb_to_ids, segment_key)
+                                     image_key, parse_annotations, read_ids_and_image,
+                                     read_panoptic_split, rgb_to_ids, segment_key)
 
 SPLIT = "val2017"
 
@@ -190,3 +190,29 @@ def test_bad_segment_entries_fail_alone_and_repeated_ids_keep_the_first():
 def test_keys_are_zero_padded_to_twelve_digits():
     assert image_key(397133) == "000000397133"
     assert segment_key(397133, 15466) == "000000397133_15466"
+
+
+def test_ids_and_image_are_pixel_aligned_or_refused(tmp_path):
+    b = SplitBuilder(tmp_path)
+    b.add(1, blocks(), mode="L")
+    b.add(2, blocks(), png_labels=blocks(48, 60))
+    b.add(3, blocks())
+    b.write()
+    # image 3 is stored 64x48 but tagged "rotate 90 degrees": it displays as 48x64
+    jpg = tmp_path / SPLIT / "000000000003.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(jpg).save(jpg, exif=exif.tobytes())
+    split = read_panoptic_split(tmp_path, SPLIT)
+    ids, rgb = read_ids_and_image(split, split.entries[0].image)
+    assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(ids, blocks())
+    assert (rgb[..., 0] == rgb[..., 2]).all()  # grey replicated to RGB
+    for entry in split.entries[1:]:
+        with pytest.raises(PanopticError) as err:
+            read_ids_and_image(split, entry.image)
+        assert err.value.code == "size_mismatch" and "(WxH)" in str(err.value)
+    (tmp_path / SPLIT / "000000000001.jpg").unlink()
+    with pytest.raises(PanopticError) as err:
+        read_ids_and_image(split, split.entries[0].image)
+    assert err.value.code == "bad_image"

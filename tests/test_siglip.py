@@ -21,9 +21,8 @@ from PIL import Image
 from featcache.config import ParamError, SharedParams, build_dataclass
 from featcache.encoders import TINY_SIGLIP, Preprocessor, register_tiny_models, resolve_spec
 from featcache.engine import Batch, Failure, Piece, TooManyFailures
-from featcache.siglip import (CropSettings, SiglipCompute, SiglipJob, SiglipParams,
-                              blend_background, build_siglip_job, crop_box, extract_siglip,
-                              run_siglip)
+from featcache.siglip import (SiglipCompute, SiglipParams, blend_background, build_siglip_job,
+                              crop_box, extract_siglip, run_siglip)
 from test_coco_panoptic import SplitBuilder, blocks
 
 STAGE_SCRIPT = Path(__file__).resolve().parents[1] / "stages" / "extract_siglip.py"
@@ -211,11 +210,10 @@ def test_missing_or_corrupt_image_is_one_failure(tmp_path):
         assert failure.item == item and failure.error == "bad_image"
 
 
-def test_hdf5_layout_end_to_end_matches_open_clip(hdf5_run, edge_split, tiny_model):
+def test_hdf5_layout_end_to_end(hdf5_run, edge_split):
     import open_clip
 
-    root, expected = edge_split
-    model, _ = tiny_model
+    _, expected = edge_split
     out, result = hdf5_run
     with h5py.File(out / "embeddings.h5", "r") as f:
         keys = [k.decode() for k in f["keys"][:]]
@@ -233,7 +231,18 @@ def test_hdf5_layout_end_to_end_matches_open_clip(hdf5_run, edge_split, tiny_mod
     assert sorted((r[1], r[2]) for r in read_tsv(out / "failures.tsv")[1:]) == \
         sorted(expected["failures"])
     assert result.failed == 3  # images 3 (one segment), 4 and 5
-    # open_clip's own SigLIP transform (the webli tag's settings) + encode_image, by hand
+
+
+def test_one_crop_equals_open_clip_transform_and_encode_image(hdf5_run, edge_split, tiny_model):
+    """open_clip's own SigLIP transform (the webli tag's settings) + encode_image on a crop
+    written out by hand, against the stored fp16 row."""
+    import open_clip
+
+    root, _ = edge_split
+    model, _ = tiny_model
+    with h5py.File(hdf5_run[0] / "embeddings.h5", "r") as f:
+        keys = [k.decode() for k in f["keys"][:]]
+        emb = f["embeddings"][:]
     assert {k: v for k, v in open_clip.get_pretrained_cfg("ViT-B-16-SigLIP", "webli").items()
             if k in ("mean", "std", "interpolation", "resize_mode")} == {
         "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic",
