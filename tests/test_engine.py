@@ -140,3 +140,28 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert tree_bytes(one / "out.h5") == tree_bytes(two / "out.h5")
     assert (one / "failures.tsv").read_text() == (two / "failures.tsv").read_text()
     assert len((two / "failures.tsv").read_text().splitlines()) == 1 + 10
+
+
+def test_optional_per_item_fields_reach_only_their_items(tmp_path, monkeypatch):
+    import torch
+
+    from featcache.engine import Piece
+
+    class MaskJob:
+        def items(self):
+            return ["a", "b", "c"]
+
+        def load(self, item):
+            arrays = {"mask": np.full(2, ord(item), np.float32)} if item != "b" else {}
+            return [Piece(item, torch.ones(3), arrays)]
+
+    def compute(batch):
+        return {"feat": batch.inputs.numpy() * 2, "mask": batch.arrays["mask"]}
+
+    monkeypatch.chdir(tmp_path)
+    run_job(MaskJob(), compute, stage="toy", out=tmp_path / "o", writer="npz",
+            provenance={}, fingerprint={}, params=EngineParams(batch_size=3, num_workers=0))
+    with np.load(tmp_path / "o" / "b.npz") as z:
+        assert z.files == ["feat"]
+    with np.load(tmp_path / "o" / "c.npz") as z:
+        assert sorted(z.files) == ["feat", "mask"] and z["mask"][0] == ord("c")

@@ -58,11 +58,12 @@ def _passthrough(x: Any) -> Any:
 
 
 def make_batch(pieces: list[Piece]) -> Batch:
-    """Stack the pieces' tensors and gather their arrays, in order."""
+    """Stack the pieces' tensors and gather their arrays, in order. A piece without one of the
+    arrays others have gets ``None`` in that list (optional per-item fields, e.g. alpha masks)."""
     tensors = [p.tensor for p in pieces]
     inputs = torch.stack(tensors) if tensors and tensors[0] is not None else None
-    names = pieces[0].arrays.keys() if pieces else ()
-    arrays = {n: [p.arrays[n] for p in pieces] for n in names}
+    names = list(dict.fromkeys(n for p in pieces for n in p.arrays))
+    arrays = {n: [p.arrays.get(n) for p in pieces] for n in names}
     return Batch(keys=[p.key for p in pieces], inputs=inputs, arrays=arrays)
 
 
@@ -107,7 +108,8 @@ def _compute_chunks(job: Job, compute: Compute | None, work: list[tuple[int, str
             out = compute(make_batch([p for _, p in taken]))
         result.compute_s += time.perf_counter() - t
         for i, (c, p) in enumerate(taken):
-            book.records[c].append((p.key, {k: np.asarray(v[i]) for k, v in out.items()}))
+            fields = {k: np.asarray(v[i]) for k, v in out.items() if v[i] is not None}
+            book.records[c].append((p.key, fields))
             book.open_pieces[c] -= 1
 
     for chunk, results in tqdm(loader, total=len(work), desc=label, unit="item",
@@ -168,8 +170,9 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path, w
             device: torch.device | None = None) -> RunResult:
     """Run ``job`` and write its output to ``out`` (a file, or a folder for folder writers).
 
-    ``compute`` maps a :class:`Batch` to ``{field: array[B, ...]}`` on the CPU; ``None`` means
-    the pieces' ``arrays`` are the output fields. ``fingerprint`` must hold everything that
+    ``compute`` maps a :class:`Batch` to ``{field: array[B, ...]}`` on the CPU (or a list of B
+    arrays, ``None`` where an item has no such field); ``None`` instead of a function means the
+    pieces' ``arrays`` are the output fields. ``fingerprint`` must hold everything that
     determines the result (params, weights identity, input signature); the item list, writer
     settings and featcache's code version are added here. Returns counts for the metrics.
     """

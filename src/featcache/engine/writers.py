@@ -93,6 +93,8 @@ def _open_h5(path: Path, provenance: Mapping[str, Any]):
     for key, value in provenance.items():
         if isinstance(value, (str, int, float, bool)):
             f.attrs[key] = value
+        elif value is not None:  # nested values as JSON strings, e.g. attrs["preprocessing"]
+            f.attrs[key] = provenance_json(value)
     return f
 
 
@@ -210,6 +212,7 @@ class NpzWriter(Writer):
     def __init__(self, path: str | Path, *, provenance: Mapping[str, Any],
                  options: WriterOptions = WriterOptions()) -> None:
         super().__init__(path, provenance=provenance, options=options)
+        self.provenance["suffix"] = options.suffix
         self.path.mkdir(parents=True, exist_ok=True)
 
     def write(self, keys: Sequence[str], arrays: Arrays) -> None:
