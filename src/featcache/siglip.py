@@ -261,8 +261,9 @@ def build_siglip_job(params: SiglipParams, spec: EncoderSpec) -> SiglipJob:
 
 def siglip_provenance(params: SiglipParams, encoder: Encoder) -> dict[str, Any]:
     """What the embeddings depend on (HDF5 attributes or ``provenance.json``)."""
+    crop = {k: getattr(params, k) for k in ("bg_alpha", "pad_ratio", "fill", "min_crop")}
     return {**encoder.provenance(), "coco": params.coco, "split": params.split,
-            "crop": method_params(params), "key": "<image_id:012d>_<segment_id>",
+            "crop": {**crop, "fill": list(params.fill)}, "key": "<image_id:012d>_<segment_id>",
             "embedding": "encode_image of the blended, padded segment crop, L2-normalised",
             "png_ids": "R + 256*G + 256^2*B"}
 
@@ -321,8 +322,9 @@ def extract_siglip(shared: SharedParams, params: SiglipParams) -> RunResult:
                    "weights_id": encoder.weights_id,
                    "inputs": file_signature(job.input_files())}
     result = run_siglip(job, compute, params, siglip_provenance(params, encoder), fingerprint)
-    log.info("%s: %d images, %d embeddings, %d images with failures", STAGE, result.items,
-             result.records, result.failed)
+    if init_distributed().is_main:  # other ranks hold no assembled counts
+        log.info("%s: %d images, %d embeddings, %d images with failures", STAGE,
+                 result.items, result.records, result.failed)
     finish_stage(STAGE, params.out, [result], params.max_failures,
                  extra={"embeddings": result.records, "failure_rows": len(result.failures)})
     return result
