@@ -228,7 +228,8 @@ def test_npy_layout_masks_and_meta(runs: dict[str, Path]) -> None:
     mask = np.load(folder / "cutout_mask.npy")
     assert mask.shape == (14, 14)
     assert np.all(mask[:, :6] == 0) and np.all(mask[:, 8:] == 1)
-    np.testing.assert_array_equal(np.load(folder / "gray_mask.npy"), 1)
+    assert not (folder / "gray_mask.npy").exists()  # no alpha, no mask
+    assert json.loads((folder / "gray.json").read_text())["mask"] is None
     assert (folder / "139.npy").is_file()  # the stem rule keeps both files
     meta = json.loads((folder / "cutout.json").read_text())
     assert meta["has_alpha"] and (meta["width"], meta["height"]) == (40, 40)

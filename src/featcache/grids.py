@@ -23,7 +23,7 @@ Conventions:
   alpha, ``featcache.images.composite_alpha``) before preprocessing. The ``mask`` field is the
   alpha in ``[0, 1]`` averaged over each stored cell: the alpha goes through the model's own
   geometry (``cv2.INTER_AREA`` resize to the resized size, the same centre crop), then the mean
-  over each patch, then the same pooling as the features. Opaque images get an all-ones mask.
+  over each patch, then the same pooling as the features. Opaque images get no mask.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ class GridJob:
             return [Failure(item, "decode_error", e.reason)]
         rgb = composite_alpha(image.rgb, image.alpha, self.background)
         arrays: dict[str, np.ndarray] = {}
-        if self.mask_target is not None:
+        if self.mask_target is not None and image.alpha is not None:
             arrays["mask"] = alpha_grid(image.alpha, rgb.shape[:2], self.preprocessor,
                                         self.mask_target)
         return [Piece(key=self.keys[item], tensor=self.preprocessor(rgb), arrays=arrays)]
@@ -263,8 +263,8 @@ class GridCompute:
             if out.pooled is None:
                 raise ValueError(f"{self.encoder.spec.name} has no pooled embedding")
             result["global"] = out.pooled.float().cpu().numpy()
-        if "mask" in batch.arrays:
-            result["mask"] = np.stack(batch.arrays["mask"])
+        if "mask" in batch.arrays:  # images with alpha only: None for the others
+            result["mask"] = batch.arrays["mask"]
         return result
 
 
@@ -373,8 +373,9 @@ def write_meta_files(out: Path, job: GridJob, prov: dict[str, Any]) -> int:
         features = out / f"{key}.npy"
         if name in job.duplicates or not features.is_file() or key == "provenance":
             continue
+        mask = out / f"{key}_mask.npy"
         meta = {**common, **image_header(job.folder / name), "image": name, "key": key,
-                "features": features.name, "mask": f"{key}_mask.npy",
+                "features": features.name, "mask": mask.name if mask.is_file() else None,
                 "shape": list(np.load(features, mmap_mode="r").shape)}
         write_text(out / f"{key}.json", json.dumps(meta, sort_keys=True, indent=2) + "\n")
         written += 1
