@@ -34,6 +34,8 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from featcache.config import StageError
+
 log = logging.getLogger(__name__)
 
 USER_AGENT = "featcache-download"
@@ -44,7 +46,7 @@ _COPY_CHUNK = 1 << 20
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(StageError, RuntimeError):
     """A transfer failed for good (HTTP error, retries exhausted)."""
 
 
@@ -200,7 +202,7 @@ def _copy_body(response: http.client.HTTPResponse, part: Path, append: bool) -> 
         raise _Retryable(f"connection closed after {received} of {expected} bytes")
 
 
-class ArchiveError(ValueError):
+class ArchiveError(StageError, ValueError):
     """An archive cannot be unpacked (corrupt, truncated, unknown format or unsafe)."""
 
 

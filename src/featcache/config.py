@@ -38,6 +38,11 @@ class ParamError(ValueError):
     """A parameter in params.yaml is unknown, of the wrong type, or impossible."""
 
 
+class StageError(Exception):
+    """An expected way for a stage to fail (missing weights, a bad download, too many bad
+    inputs): reported in one line by :func:`featcache.stage.run_stage`, without a traceback."""
+
+
 def require(condition: bool, key: str, message: str) -> None:
     """Raise :class:`ParamError` naming ``key`` unless ``condition`` holds.
 

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from featcache.config import StageError
+
 log = logging.getLogger(__name__)
 
 RANDOM = "random"
@@ -37,7 +39,7 @@ PRETRAINED = "pretrained"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(StageError, FileNotFoundError):
     """Weights were asked for by tag but are in none of the places looked at."""
 
 

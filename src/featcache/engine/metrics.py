@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from featcache.atomic import write_text
+from featcache.config import StageError
 from featcache.engine.types import RunResult
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 METRICS_DIR = Path("metrics")
 
 
-class TooManyFailures(RuntimeError):
+class TooManyFailures(StageError, RuntimeError):
     """More items failed than ``max_failures`` allows (the outputs were still written)."""
 
 
