@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from featcache.sa1b import (Sa1bError, decode_rle, duplicate_stems, iter_instance_masks,
+from featcache.images import find_duplicate_keys
+from featcache.sa1b import (Sa1bError, decode_rle, iter_instance_masks,
                             json_path_for, list_sa1b_images, read_image_size, read_sa1b_json,
                             rle_counts_from_string)
 
@@ -89,7 +90,7 @@ def test_list_images_sorted_flat_and_duplicates(tmp_path: Path) -> None:
     (tmp_path / "sub" / "sa_3.jpg").write_bytes(b"x")
     paths = list_sa1b_images(tmp_path)
     assert [p.name for p in paths] == ["sa_1.jpg", "sa_1.png", "sa_10.PNG", "sa_2.jpg"]
-    assert duplicate_stems(paths) == {tmp_path / "sa_1.png": tmp_path / "sa_1.jpg"}
+    assert find_duplicate_keys([p.name for p in paths]) == {"sa_1.png": "sa_1.jpg"}
     with pytest.raises(NotADirectoryError, match="nowhere"):
         list_sa1b_images(tmp_path / "nowhere")
 

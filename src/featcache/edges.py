@@ -23,7 +23,8 @@ import numpy as np
 
 from featcache.config import ParamError, as_dict, require
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
-from featcache.sa1b import (Sa1bError, duplicate_stems, iter_instance_masks, json_path_for,
+from featcache.images import find_duplicate_keys
+from featcache.sa1b import (Sa1bError, iter_instance_masks, json_path_for,
                             list_sa1b_images, read_image_size, read_sa1b_json)
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def build_edge_job(params: EdgeParams) -> EdgeJob:
     if not folder.is_dir():
         raise ParamError(f"{STAGE}.sa1b: folder not found: {folder}")
     paths = list_sa1b_images(folder)
-    dupes = {p.name: first.name for p, first in duplicate_stems(paths).items()}
+    dupes = find_duplicate_keys([p.name for p in paths])
     if not paths:
         log.warning("no images in %s", folder)
     return EdgeJob(folder, tuple(p.name for p in paths), dupes, params.kernel_size,

@@ -125,18 +125,6 @@ def list_splits(params: GridParams, stage: str) -> dict[str, tuple[Path, list[Pa
     return found
 
 
-def find_duplicates(names: list[str], keys: dict[str, str]) -> dict[str, str]:
-    """``{name: earlier name}`` for every file whose key an earlier file already has."""
-    first: dict[str, str] = {}
-    dupes = {}
-    for name in names:
-        if keys[name] in first:
-            dupes[name] = first[keys[name]]
-        else:
-            first[keys[name]] = name
-    return dupes
-
-
 def check_target_grid(native: tuple[int, int], target: int, key: str = "grid") -> int:
     """The stored grid side for ``target`` (0 = native); ParamError unless it divides ``native``."""
     g_h, g_w = native
@@ -233,9 +221,12 @@ class GridJob:
 def build_grid_job(folder: Path, paths: list[Path], rule: KeyRule, preprocessor: Preprocessor,
                    background: tuple[int, int, int], mask_target: int | None) -> GridJob:
     """The :class:`GridJob` of one listed split folder."""
+    from featcache.images import find_duplicate_keys
+
     names = [p.name for p in paths]
     keys = {n: image_key(n, rule) for n in names}
-    return GridJob(folder, tuple(names), keys, find_duplicates(names, keys), preprocessor,
+    dupes = find_duplicate_keys(names, keys.__getitem__)
+    return GridJob(folder, tuple(names), keys, dupes, preprocessor,
                    tuple(background), mask_target)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,3 +175,19 @@ def list_images(folder: str | Path) -> list[Path]:
              if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
              and p.is_file()]
     return sorted(found, key=lambda p: p.name)
+
+
+def find_duplicate_keys(names: Sequence[str], key: Callable[[str], str] = lambda n: Path(n).stem,
+                        ) -> dict[str, str]:
+    """``{name: earlier name}`` for every file whose output key (default: its stem) an earlier
+    file in ``names`` already has. Outputs are named by key, so ``sa_1.jpg`` and ``sa_1.png``
+    cannot both be written: stages keep the first and report the others as failures."""
+    first: dict[str, str] = {}
+    dupes: dict[str, str] = {}
+    for name in names:
+        k = key(name)
+        if k in first:
+            dupes[name] = first[k]
+        else:
+            first[k] = name
+    return dupes

@@ -59,22 +59,6 @@ def list_sa1b_images(folder: str | Path) -> list[Path]:
     return list_images(folder)
 
 
-def duplicate_stems(paths: Sequence[Path]) -> dict[Path, Path]:
-    """Map each path whose stem already appeared earlier in ``paths`` to that earlier path.
-
-    Output files are named by stem, so ``sa_1.jpg`` and ``sa_1.png`` cannot both be written;
-    stages keep the first and report the others as failures.
-    """
-    first: dict[str, Path] = {}
-    dupes: dict[Path, Path] = {}
-    for path in paths:
-        if path.stem in first:
-            dupes[path] = first[path.stem]
-        else:
-            first[path.stem] = path
-    return dupes
-
-
 def json_path_for(image_path: Path) -> Path:
     """The annotation file of an image: same folder, same stem, ``.json``."""
     return image_path.with_suffix(".json")

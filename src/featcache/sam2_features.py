@@ -32,7 +32,7 @@ import numpy as np
 
 from featcache.config import ParamError, SharedParams, as_dict, require
 from featcache.engine.types import Batch, EngineParams, Failure, Piece, RunResult
-from featcache.images import ImageDecodeError, list_images, load_image
+from featcache.images import ImageDecodeError, find_duplicate_keys, list_images, load_image
 
 if TYPE_CHECKING:
     import torch
@@ -106,19 +106,6 @@ class Sam2Job:
         return [Piece(key=Path(item).stem, tensor=self.preprocess(rgb))]
 
 
-def find_duplicate_stems(names: list[str]) -> dict[str, str]:
-    """Map each file name whose stem appeared earlier in ``names`` to that earlier name."""
-    first: dict[str, str] = {}
-    dupes: dict[str, str] = {}
-    for name in names:
-        stem = Path(name).stem
-        if stem in first:
-            dupes[name] = first[stem]
-        else:
-            first[stem] = name
-    return dupes
-
-
 def build_sam2_job(params: Sam2Params, preprocess: Preprocessor) -> Sam2Job:
     """List ``params.images`` once; raises :class:`ParamError` if it is not a folder."""
     folder = Path(params.images)
@@ -127,7 +114,7 @@ def build_sam2_job(params: Sam2Params, preprocess: Preprocessor) -> Sam2Job:
     names = [p.name for p in list_images(folder)]
     if not names:
         log.warning("no images in %s", folder)
-    return Sam2Job(folder, tuple(names), find_duplicate_stems(names), preprocess)
+    return Sam2Job(folder, tuple(names), find_duplicate_keys(names), preprocess)
 
 
 def compute_precision(device: torch.device, dtype: str) -> Literal["fp16", "fp32"]:
