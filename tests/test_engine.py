@@ -3,6 +3,7 @@ SIGKILL, and torchrun sharding — all on a toy job run as a real subprocess."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -59,6 +60,9 @@ def test_pieces_of_many_items_share_batches(tmp_path, monkeypatch):
     assert compute.calls[:-1] == [7] * (len(compute.calls) - 1)  # full batches across items
     assert sum(compute.calls) == 80 and result.records == 80 and result.failed == 0
     with h5py.File(out) as f:
+        prov = json.loads(f.attrs["provenance"])
+        assert prov["model"] == "toy" and prov["stage"] == "toy" and prov["layout"] == "hdf5"
+        assert len(prov["code_version"]) == 64 and "numpy" in prov["libraries"]
         x = np.random.default_rng(3).standard_normal((3, 4, 4)).astype(np.float32)
         np.testing.assert_allclose(f["i003_a_feat"][()], x.flatten() * 0.5, rtol=1e-6)
         np.testing.assert_allclose(f["i003_b_sum"][()], -x.sum(), rtol=1e-5)

@@ -322,8 +322,6 @@ def grid_provenance(plan: GridPlan, params: GridParams, split: str, folder: Path
                     encoder: Encoder) -> dict[str, Any]:
     """Provenance of one split's output: the encoder's own (model, weights, weights_id,
     preprocessing = the full spec) plus the grid, layout, key rule and alpha handling."""
-    from featcache.engine.scratch import code_version
-
     shape = "(g*g, C)" if plan.array_layout == "tokens" else "(C, g, g)"
     native = plan.spec.grid_size[0]
     return {
@@ -333,7 +331,6 @@ def grid_provenance(plan: GridPlan, params: GridParams, split: str, folder: Path
         "array_layout": plan.array_layout, "array_shape": shape, "split": split,
         "images": folder.as_posix(), "key_rule": rule, "background": list(params.background),
         "alpha": "composited over background before encoding; mask = alpha averaged per cell",
-        "code_version": code_version(),
     }
 
 

@@ -201,7 +201,8 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path, w
     _compute_chunks(job, compute, work, book, params, f"{stage} {out.name}", result)
     ctx.barrier()
     if ctx.is_main:
-        prov = {**provenance, "stage": stage, "libraries": library_versions()}
+        prov = {**provenance, "stage": stage, "libraries": library_versions(),
+                "code_version": code_version()}
         result.records, result.failures = _assemble(scratch, len(chunks), out, writer,
                                                     writer_options, prov)
         result.failed = len({f.item for f in result.failures})
