@@ -169,3 +169,18 @@ def test_optional_per_item_fields_reach_only_their_items(tmp_path, monkeypatch):
         assert z.files == ["feat"]
     with np.load(tmp_path / "o" / "c.npz") as z:
         assert sorted(z.files) == ["feat", "mask"] and z["mask"][0] == ord("c")
+
+
+def test_precision_fp32_on_cpu_by_default_and_on_request():
+    import torch
+
+    from featcache.engine.inference import autocast_for
+
+    lin, x = torch.nn.Linear(4, 4), torch.ones(2, 4)
+    cpu = torch.device("cpu")
+    with autocast_for(cpu):
+        assert lin(x).dtype == torch.float32
+    with autocast_for(cpu, "bf16"):
+        assert lin(x).dtype == torch.bfloat16
+    with autocast_for(cpu, "fp32"):
+        assert lin(x).dtype == torch.float32

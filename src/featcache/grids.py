@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from featcache.config import ParamError, SharedParams, require
-from featcache.engine.types import EngineParams, Failure, Piece, RunResult
+from featcache.engine.types import Failure, ModelParams, Piece, Precision, RunResult
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +64,7 @@ class SplitSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class GridParams(EngineParams):
+class GridParams(ModelParams):
     """Params shared by the grid stages (see the README for each key)."""
 
     root: str
@@ -241,12 +241,13 @@ class GridCompute:
     target: int
     array_layout: ArrayLayout
     save_global: bool = False
+    precision: Precision = "auto"
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
         from featcache.engine.inference import autocast_for
 
         x = batch.inputs.to(self.device, non_blocking=True)
-        with autocast_for(self.device):
+        with autocast_for(self.device, self.precision):
             out = self.encoder(x)
         grid = arrange_grid(out.grid.float(), self.target, self.array_layout)
         result = {"grids": grid.cpu().numpy()}
@@ -285,7 +286,8 @@ def run_grid_stage(plan: GridPlan, shared: SharedParams, params: GridParams) -> 
     splits = list_splits(params, plan.stage)
     device = rank_device(resolve_device(shared.device), init_distributed())
     encoder = load_encoder(plan.spec, device)
-    compute = GridCompute(encoder, device, plan.grid, plan.array_layout, plan.save_global)
+    compute = GridCompute(encoder, device, plan.grid, plan.array_layout, plan.save_global,
+                          params.precision)
     results = [run_split(plan, params, name, folder, paths, compute)
                for name, (folder, paths) in splits.items()]
     finish_stage(plan.stage, params.out, results, params.max_failures)
@@ -331,6 +333,7 @@ def grid_provenance(plan: GridPlan, params: GridParams, split: str, folder: Path
         "array_layout": plan.array_layout, "array_shape": shape, "split": split,
         "images": folder.as_posix(), "key_rule": rule, "background": list(params.background),
         "alpha": "composited over background before encoding; mask = alpha averaged per cell",
+        "precision": params.precision,
     }
 
 

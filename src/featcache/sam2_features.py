@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from featcache.config import ParamError, SharedParams, as_dict, require
-from featcache.engine.types import Batch, EngineParams, Failure, Piece, RunResult
+from featcache.engine.types import Batch, EngineParams, Failure, ModelParams, Piece, RunResult
 from featcache.images import ImageDecodeError, find_duplicate_keys, list_images, load_image
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def known_configs() -> tuple[str, ...]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Sam2Params(EngineParams):
+class Sam2Params(ModelParams):
     """The ``extract_sam2`` section of params.yaml.
 
     ``images``: folder of images; ``out``: folder of ``<stem>_features.npz``; ``config``: SAM2
@@ -117,9 +117,12 @@ def build_sam2_job(params: Sam2Params, preprocess: Preprocessor) -> Sam2Job:
     return Sam2Job(folder, tuple(names), find_duplicate_keys(names), preprocess)
 
 
-def compute_precision(device: torch.device, dtype: str) -> Literal["fp16", "fp32"]:
-    """fp16 autocast on CUDA when fp16 is stored (never coarser than the storage, unlike bf16);
-    fp32 otherwise (CPU autocast would be slower and less precise)."""
+def compute_precision(device: torch.device, dtype: str, requested: str = "auto") -> str:
+    """``requested`` unless ``auto``; under ``auto``: fp16 autocast on CUDA when fp16 is stored
+    (never coarser than the storage, unlike bf16), fp32 otherwise (CPU autocast would be slower
+    and less precise)."""
+    if requested != "auto":
+        return requested
     return "fp16" if device.type == "cuda" and dtype == "fp16" else "fp32"
 
 
@@ -131,7 +134,7 @@ class Sam2Compute:
     """
 
     def __init__(self, encoder: Encoder, device: torch.device,
-                 precision: Literal["fp16", "fp32"]) -> None:
+                 precision: str) -> None:
         self.encoder, self.device, self.precision = encoder, device, precision
 
     def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
@@ -211,7 +214,7 @@ def extract_sam2(shared: SharedParams, params: Sam2Params) -> RunResult:
     device = rank_device(resolve_device(shared.device), init_distributed())
     job = build_sam2_job(params, Preprocessor(spec))
     encoder = load_encoder(spec, device)
-    precision = compute_precision(device, params.dtype)
+    precision = compute_precision(device, params.dtype, params.precision)
     result = run_job(job, Sam2Compute(encoder, device, precision), stage=STAGE,
                      out=params.out, writer="npz",
                      writer_options=WriterOptions(dtype=params.dtype, suffix=OUTPUT_SUFFIX),

@@ -35,7 +35,7 @@ from featcache.atomic import write_text
 from featcache.coco_panoptic import (PanopticEntry, PanopticError, PanopticSplit,
                                      read_ids_and_image, read_panoptic_split, segment_key)
 from featcache.config import ParamError, SharedParams, as_dict, require
-from featcache.engine.types import Batch, EngineParams, Failure, Piece, RunResult
+from featcache.engine.types import Batch, EngineParams, Failure, ModelParams, Piece, RunResult
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,7 @@ Box = tuple[int, int, int, int]  # x0, y0, x1, y1: pixel columns/rows, end exclu
 
 
 @dataclass(frozen=True, kw_only=True)
-class SiglipParams(EngineParams):
+class SiglipParams(ModelParams):
     """The ``extract_siglip`` section of params.yaml (see the module docstring).
 
     ``coco``: COCO root; ``split``: e.g. ``val2017``; ``out``: output folder; ``model``: any
@@ -201,8 +201,10 @@ class SiglipCompute:
     (the packed HDF5 layout); the npy layout stores the embedding alone.
     """
 
-    def __init__(self, encoder: Encoder, device: torch.device, with_ids: bool = True) -> None:
+    def __init__(self, encoder: Encoder, device: torch.device, with_ids: bool = True,
+                 precision: str = "auto") -> None:
         self.encoder, self.device, self.with_ids = encoder, device, with_ids
+        self.precision = precision
 
     def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
         import torch
@@ -210,7 +212,7 @@ class SiglipCompute:
         from featcache.engine.inference import autocast_for
 
         x = batch.inputs.to(self.device, non_blocking=True)
-        with autocast_for(self.device):
+        with autocast_for(self.device, self.precision):
             pooled = self.encoder(x).pooled
         emb = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
         bad = ~(np.abs(np.linalg.norm(emb, axis=1) - 1.0) < 1e-3)  # NaN/inf or zero pooled
@@ -317,7 +319,8 @@ def extract_siglip(shared: SharedParams, params: SiglipParams) -> RunResult:
     device = rank_device(resolve_device(shared.device), init_distributed())
     job = build_siglip_job(params, spec)
     encoder = load_encoder(spec, device)
-    compute = SiglipCompute(encoder, device, with_ids=params.layout == "hdf5")
+    compute = SiglipCompute(encoder, device, with_ids=params.layout == "hdf5",
+                            precision=params.precision)
     fingerprint = {"params": method_params(params), "spec": spec.to_dict(),
                    "weights_id": encoder.weights_id,
                    "inputs": file_signature(job.input_files())}

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
-
 import torch
 
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
+from featcache.engine.types import Precision
 
 
 def autocast_for(device: torch.device, precision: Precision = "auto") -> contextlib.AbstractContextManager:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -27,6 +27,20 @@ class EngineParams:
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require(self.max_failures >= 0, "max_failures",
                 "must be >= 0: a count of items, or a fraction of items when < 1")
+
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelParams(EngineParams):
+    """Knobs of stages that run a model. ``precision`` is the compute precision: ``auto`` =
+    autocast on CUDA (bf16 where supported, else fp16), fp32 on the CPU; ``fp32``, ``fp16`` or
+    ``bf16`` to ask for one everywhere. It can change the last bits of a feature, so it is a
+    dependency of the stage (unlike ``batch_size`` and ``num_workers``, it is in the
+    fingerprint)."""
+
+    precision: Precision = "auto"
 
 
 @dataclass
