@@ -41,6 +41,8 @@ def bench_model_only(encoder, pre, paths, batch_size: int) -> float:
     from featcache.images import load_image
 
     x = torch.stack([pre(load_image(p).rgb) for p in paths])
+    with torch.inference_mode():
+        encoder(x[:batch_size])  # warm-up: first calls pay for allocations and kernel selection
     t = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
