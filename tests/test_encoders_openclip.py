@@ -241,3 +241,13 @@ def test_tiny_shapes_table_is_true(kind):
         return
     assert tuple(out.grid.shape[1:]) == shapes["grid"]
     assert (None if out.pooled is None else tuple(out.pooled.shape[1:])) == shapes["pooled"]
+
+
+def test_random_weights_build_the_default_tags_architecture():
+    """ViT-B-16's default tag (openai) was trained with QuickGELU: the random tower has it too,
+    so `weights: random` is the pretrained architecture; a model without tags keeps GELU."""
+    from featcache.encoders.openclip import uses_quick_gelu
+
+    assert uses_quick_gelu(resolve_spec("open_clip", "ViT-B-16", weights="random"), {}, None)
+    assert not uses_quick_gelu(resolve_spec("open_clip", TINY_OPENCLIP, weights="random"), {},
+                               None)

@@ -180,7 +180,7 @@ def load_openclip(spec: EncoderSpec, device: torch.device | str = "cpu") -> Open
     with _quiet_random_init_warning():
         model = open_clip.create_model(
             spec.name, pretrained=None, force_image_size=_forced_size(spec),
-            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+            force_quick_gelu=uses_quick_gelu(spec, tag_cfg, path))
     if path is not None:
         load_checkpoint(model, path)
     visual = model.visual
@@ -218,6 +218,21 @@ def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
     state = {k: v for k, v in W.load_state_dict_file(path).items() if k not in _JIT_EXTRAS}
     resize_pos_embed(state, model)
     model.load_state_dict(state, strict=True)
+
+
+def uses_quick_gelu(spec: EncoderSpec, tag_cfg: dict[str, Any], path: Path | None) -> bool:
+    """Whether the tower is built with QuickGELU, as the weights require: a tag says so in its
+    config (OpenAI's weights need it); random weights follow the default tag, so the random
+    architecture is the pretrained one; an OpenAI TorchScript archive always needs it. A plain
+    state-dict file cannot tell: name the model ``<name>-quickgelu`` for OpenAI-trained weights."""
+    import open_clip
+
+    if tag_cfg:
+        return bool(tag_cfg.get("quick_gelu", False))
+    if W.is_random(spec.weights):
+        tag = default_tag(spec.name)
+        return bool(tag and open_clip.get_pretrained_cfg(spec.name, tag).get("quick_gelu"))
+    return path is not None and W.is_torchscript_archive(path)
 
 
 def _forced_size(spec: EncoderSpec) -> tuple[int, int] | int | None:
