@@ -26,7 +26,7 @@ from featcache.atomic import atomic_path, remove_stale_temps
 from featcache.engine.distributed import DistContext, init_distributed
 from featcache.engine.scratch import Scratch, code_version, fingerprint_of
 from featcache.engine.types import Batch, EngineParams, Failure, Job, Piece, RunResult
-from featcache.engine.writers import WriterOptions, get_writer
+from featcache.engine.writers import WriterOptions, cast, get_writer
 from featcache.provenance import library_versions
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,11 @@ def make_batch(pieces: list[Piece]) -> Batch:
 
 
 class _ChunkBook:
-    """Collects records per chunk and hands finished chunks to the background saver."""
+    """Collects records per chunk and hands finished chunks to the background saver, which
+    casts floating fields to the storage dtype first (the scratch holds what will be stored)."""
 
-    def __init__(self, scratch: Scratch, sizes: dict[int, int]) -> None:
-        self.scratch = scratch
+    def __init__(self, scratch: Scratch, sizes: dict[int, int], dtype: str | None) -> None:
+        self.scratch, self.dtype = scratch, dtype
         self.remaining = dict(sizes)   # items not yet loaded, per chunk
         self.open_pieces = {c: 0 for c in sizes}
         self.records: dict[int, list[Record]] = {c: [] for c in sizes}
@@ -84,7 +85,11 @@ class _ChunkBook:
                   and self.open_pieces[c] == 0]:
             records, failures = self.records.pop(c), self.failures.pop(c)
             del self.remaining[c], self.open_pieces[c]
-            self.pending.append(self.pool.submit(self.scratch.save, c, records, failures))
+            self.pending.append(self.pool.submit(self._save, c, records, failures))
+
+    def _save(self, chunk: int, records: list[Record], failures: list[Failure]) -> None:
+        stored = [(k, {n: cast(v, self.dtype) for n, v in f.items()}) for k, f in records]
+        self.scratch.save(chunk, stored, failures)
 
     def close(self) -> None:
         for f in self.pending:
@@ -197,7 +202,7 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path, w
     if result.resumed:
         log.info("%s: resuming, %d of %d items already done", out, result.resumed, len(items))
     work = [(c, item) for c in todo for item in chunks[c]]
-    book = _ChunkBook(scratch, {c: len(chunks[c]) for c in todo})
+    book = _ChunkBook(scratch, {c: len(chunks[c]) for c in todo}, writer_options.dtype)
     _compute_chunks(job, compute, work, book, params, f"{stage} {out.name}", result)
     ctx.barrier()
     if ctx.is_main:
