@@ -17,41 +17,13 @@ import logging
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 from featcache import scannet
 from featcache.config import as_dict, build_dataclass, load_stage_params
+from featcache.pictures import add_caption, render_panels
 from featcache.uv_index import STAGE, UvIndexParams, index_frame, load_points, read_frame
 
 log = logging.getLogger("plot_uv_projection")
-
-GREEN, RED = (60, 220, 60), (40, 40, 230)   # BGR
-
-
-def render_panels(color: np.ndarray, depth: np.ndarray, arrays: dict[str, np.ndarray],
-                  zoom: int) -> np.ndarray:
-    """Colour ``(H,W,3)`` BGR and depth ``(h,w)`` metres, each with the frame's valid points
-    drawn at ``uv_idx`` (pixel centres at integers, hence the +0.5 when scaling)."""
-    height, width = color.shape[:2]
-    big = cv2.resize(color, (width * zoom, height * zoom), interpolation=cv2.INTER_NEAREST)
-    span = max(float(depth.max()), 1e-6)
-    depth_u8 = (np.clip(depth / span, 0, 1) * 255).astype(np.uint8)
-    depth_rgb = cv2.applyColorMap(depth_u8, cv2.COLORMAP_VIRIDIS)
-    depth_rgb[depth <= 0] = 0
-    depth_big = cv2.resize(depth_rgb, (width * zoom, height * zoom),
-                           interpolation=cv2.INTER_NEAREST)
-    valid, visible = arrays["valid"], arrays["conf_2d"] > 0
-    for panel in (big, depth_big):
-        for sel, colour in ((valid & ~visible, RED), (valid & visible, GREEN)):
-            for u, v in (arrays["uv_idx"][sel] + 0.5) * zoom:
-                cv2.circle(panel, (int(u), int(v)), 2, colour, -1, lineType=cv2.LINE_AA)
-    return np.concatenate([big, depth_big], axis=1)
-
-
-def add_caption(image: np.ndarray, text: str) -> np.ndarray:
-    bar = np.full((28, image.shape[1], 3), 255, np.uint8)
-    cv2.putText(bar, text, (8, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.concatenate([image, bar], axis=0)
 
 
 def parse_args() -> argparse.Namespace:

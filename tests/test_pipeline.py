@@ -5,6 +5,7 @@ and a teammate's fresh clone gets byte-identical outputs from the remote."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -69,9 +70,10 @@ def test_repro_twice_does_nothing_and_status_is_clean(demo):
     assert {p.name for p in features.iterdir()} >= {
         "clip_grid", "dinov2", "siglip", "sam2", "edges", "uv_index", "point_feats"}
     assert (demo / "metrics" / "extract_clip_grid.json").is_file()
+    assert json.loads((demo / "reports" / "verify.json").read_text())["passed"]
 
 
-def test_changing_edge_kernel_reruns_only_the_edge_stage(demo):
+def test_changing_edge_kernel_reruns_only_the_edge_stage_and_verify(demo):
     sam2_before = digest(demo / "data" / "features" / "sam2")
     edges_before = digest(demo / "data" / "features" / "edges")
     params = demo / "params.yaml"
@@ -79,13 +81,13 @@ def test_changing_edge_kernel_reruns_only_the_edge_stage(demo):
     params.write_text(text.replace("  kernel_size: 3", "  kernel_size: 5", 1))
     try:
         proc = sh(["dvc", "repro"], demo)
-        assert ran(proc) == ["edge_maps_methodB"], proc.stdout
+        assert ran(proc) == ["edge_maps_methodB", "verify"], proc.stdout  # verify reads all
         assert digest(demo / "data" / "features" / "sam2") == sam2_before
         assert digest(demo / "data" / "features" / "edges") != edges_before
     finally:
         params.write_text(text)
     back = sh(["dvc", "repro"], demo)  # back to 3: restored from the run-cache, not recomputed
-    assert "edge_maps_methodB" not in ran(back)
+    assert ran(back) == [], back.stdout
     assert digest(demo / "data" / "features" / "edges") == edges_before
 
 

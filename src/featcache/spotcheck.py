@@ -19,11 +19,14 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featcache.reader import open_features
+
+if TYPE_CHECKING:
+    from featcache.encoders.base import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +52,21 @@ class SpotCheckResult:
 
 
 def spot_check(path: str | Path, n: int = 4, *, images: str | Path | None = None,
-               field: str = "grids", seed: int = 0, device: str = "cpu") -> SpotCheckResult:
+               field: str = "grids", seed: int = 0, device: str = "cpu",
+               encoder: Encoder | None = None) -> SpotCheckResult:
     """Recompute ``n`` random keys of the grid output ``path`` and compare with the cache.
 
     ``images`` overrides the image folder recorded in the provenance (relative paths there are
     relative to the directory the stage ran in); ``field`` is ``grids`` or ``global``; ``seed``
-    picks the keys (sorted keys, ``random.Random(seed).sample``).
+    picks the keys (sorted keys, ``random.Random(seed).sample``). ``encoder``: an already
+    loaded encoder of the file's recorded spec, to check several files with one model load
+    (``ValueError`` if its spec differs from the file's); None loads it.
     """
     store = open_features(path, field=field)
     prov = store.provenance
     folder = Path(images if images is not None else prov["images"])
     keys = random.Random(seed).sample(sorted(store), min(n, len(store)))
-    live, errors = recompute(prov, folder, keys, field, device)
+    live, errors = recompute(prov, folder, keys, field, device, encoder)
     diffs, cosines = [], []
     for key, value in live.items():
         cached = np.asarray(store[key], dtype=np.float32)
@@ -74,8 +80,10 @@ def spot_check(path: str | Path, n: int = 4, *, images: str | Path | None = None
 
 
 def recompute(prov: dict[str, Any], folder: Path, keys: list[str], field: str,
-              device: str = "cpu") -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
-    """Live float32 arrays of ``keys`` (as stored under ``field``) and ``(key, reason)`` errors."""
+              device: str = "cpu", encoder: Encoder | None = None,
+              ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+    """Live float32 arrays of ``keys`` (as stored under ``field``) and ``(key, reason)`` errors;
+    ``encoder`` as in :func:`spot_check`."""
     import torch
 
     from featcache.encoders import Preprocessor, load_encoder, resolve_device
@@ -90,8 +98,12 @@ def recompute(prov: dict[str, Any], folder: Path, keys: list[str], field: str,
     job = build_grid_job(folder, list_images(folder), prov["key_rule"], Preprocessor(spec),
                          tuple(prov["background"]), mask_target)
     by_key = {job.keys[name]: name for name in job.names if name not in job.duplicates}
-    torch_device = resolve_device(device)
-    compute = GridCompute(load_encoder(spec, torch_device), torch_device, prov["grid"],
+    if encoder is None:
+        encoder = load_encoder(spec, resolve_device(device))
+    elif encoder.spec != spec:
+        raise ValueError(f"the encoder given is {encoder.spec}, the file was made by {spec}")
+    torch_device = next(encoder.parameters()).device
+    compute = GridCompute(encoder, torch_device, prov["grid"],
                           prov["array_layout"], save_global=field == "global")
     live, errors = {}, []
     for key in keys:

@@ -1,0 +1,77 @@
+"""Checks of the grid stages' outputs (``extract_clip_grid``, ``extract_dinov2``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from featcache.checks import (Check, Report, check_coverage, check_provenance, expect_array,
+                              model_dims, problems_to, read_failures)
+from featcache.config import SharedParams
+from featcache.reader import FeatureStore, open_features
+
+
+def grid_outputs(folder: Path) -> list[Path]:
+    """A grid stage's outputs: ``<split>.h5`` files and ``<split>/`` npy folders."""
+    return sorted([p for p in folder.glob("*.h5")]
+                  + [p for p in folder.iterdir() if (p / "index.tsv").is_file()])
+
+
+def check_grid_stage(report: Report, kind: str, folder: Path, shared: SharedParams,
+                     model: str | None = None) -> list[FeatureStore]:
+    """Checks of one grid stage's outputs; returns the stores that opened (for spot checks)."""
+    readable = report(f"{kind}.readable")
+    if not readable.expect(folder.is_dir(), f"{folder}: not found"):
+        return []
+    paths = grid_outputs(folder)
+    readable.expect(bool(paths), f"{folder}: no <split>.h5 file or <split>/ folder")
+    failed = read_failures(folder, report(f"{kind}.coverage"))
+    stores = []
+    for path in paths:
+        with problems_to(readable, path.name):
+            store = open_features(path)
+            check_provenance(report(f"{kind}.provenance"), path.name, store.provenance,
+                             shared, model)
+            check_grid_file(report, kind, store)
+            with problems_to(report(f"{kind}.coverage"), path.name):
+                check_grid_coverage(report(f"{kind}.coverage"), store,
+                                    Path(store.provenance["images"]),
+                                    failed.get(path.name, set()))
+            stores.append(store)
+    return stores
+
+
+def check_grid_file(report: Report, kind: str, store: FeatureStore) -> None:
+    """Shapes of every ``grids`` (and ``global``) array of one split output."""
+    from featcache.spotcheck import spec_from_provenance
+
+    prov = store.provenance
+    shapes = report(f"{kind}.shapes")
+    t, native = int(prov["grid"]), spec_from_provenance(prov["preprocessing"]).grid_size[0]
+    shapes.expect(native % t == 0, f"{store.path.name}: grid {t} does not divide {native}")
+    width, embed = model_dims(prov["family"], prov["model"])
+    dtype = {"fp16": np.float16, "fp32": np.float32}[prov["storage_dtype"]]
+    want = (t * t, width) if prov["array_layout"] == "tokens" else (width, t, t)
+    fields = {"grids": want} | ({"global": (embed,)} if "global" in store.fields() else {})
+    for name, shape in fields.items():
+        arrays = store if name == store.field else open_features(store.path, field=name)
+        seen = set()
+        for key in arrays:
+            report(f"{kind}.readable").items += 1
+            with problems_to(report(f"{kind}.readable"), f"{store.path.name}[{key}]"):
+                array = arrays[key]
+                shapes.items += 1
+                expect_array(shapes, f"{store.path.name}[{key}] {name}", array, shape, dtype)
+                seen.add(array.shape)
+        shapes.expect(len(seen) <= 1, f"{store.path.name}: {name} shapes differ: {sorted(seen)}")
+
+
+def check_grid_coverage(check: Check, store: FeatureStore, images: Path, failed: set[str]) -> None:
+    """Every image of the split folder recorded in the provenance has a key or a failure row."""
+    from featcache.grids import image_key
+    from featcache.images import list_images
+
+    rule = store.provenance["key_rule"]
+    expected = [(image_key(p.name, rule), (p.name,)) for p in list_images(images)]
+    check_coverage(check, expected, set(store), failed)

@@ -1,0 +1,189 @@
+"""Checks of the NPZ-folder outputs: ``extract_sam2``, ``edge_maps_methodB``,
+``build_uv_index`` and ``sample_point_feats``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from featcache.checks import (READ_ERRORS, Check, Report, all_failed, check_coverage,
+                              check_provenance, expect_array, model_dims, problems_to,
+                              read_failures)
+from featcache.config import SharedParams
+from featcache.reader import FeatureStore, open_features
+
+
+def open_npz_output(report: Report, kind: str, folder: Path,
+                    ) -> tuple[FeatureStore | None, dict[str, set[str]]]:
+    """An NPZ output folder as a store (None when it is missing or unreadable) and its
+    failure rows."""
+    readable = report(f"{kind}.readable")
+    if not readable.expect(folder.is_dir(), f"{folder}: not found"):
+        return None, {}
+    failed = read_failures(folder, report(f"{kind}.coverage"))
+    with problems_to(readable, folder.name):
+        return open_features(folder), failed
+    return None, failed
+
+
+def npz_items(report: Report, kind: str, store: FeatureStore,
+              ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """``(key, arrays)`` of every file that reads; the others are ``readable`` problems."""
+    readable = report(f"{kind}.readable")
+    for key in store:
+        readable.items += 1
+        try:
+            arrays = store[key]
+        except READ_ERRORS as e:
+            readable.expect(False, f"{key}: {type(e).__name__}: {e}")
+            continue
+        yield key, arrays
+
+
+def image_coverage(check: Check, store: FeatureStore, images: Path, failed: set[str]) -> None:
+    """One ``<stem>`` key or failure row per image file of ``images``."""
+    from featcache.images import list_images
+
+    check_coverage(check, [(p.stem, (p.name,)) for p in list_images(images)], set(store),
+                   failed)
+
+
+def check_sam2(report: Report, folder: Path, shared: SharedParams) -> None:
+    """extract_sam2: P4/P5 shapes at the recorded input size and dtype, flags, coverage."""
+    store, failed = open_npz_output(report, "sam2", folder)
+    if store is None:
+        return
+    prov = store.provenance
+    with problems_to(report("sam2.shapes"), "provenance"):
+        size = int(prov["preprocessing"]["input_size"][0])
+        dtype = {"fp16": np.float16, "fp32": np.float32}[prov["dtype"]]
+        check_provenance(report("sam2.provenance"), folder.name, prov, shared)
+        shapes, flags = report("sam2.shapes"), report("sam2.flags")
+        p4, p5 = (256, size // 16, size // 16), (256, size // 32, size // 32)
+        for key, arrays in npz_items(report, "sam2", store):
+            shapes.items += 1
+            for name, shape in (("P4_S16", p4), ("P5_S32", p5), ("IMAGE_EMB_S16", p4)):
+                expect_array(shapes, f"{key} {name}", arrays.get(name), shape, dtype)
+            flags.items += 1
+            flag = arrays.get("feature_flag")
+            flags.expect(flag is not None and flag.shape == () and int(flag) == 1,
+                         f"{key}: feature_flag is {flag!r}, expected 1")
+            flags.expect(np.array_equal(arrays.get("IMAGE_EMB_S16"), arrays.get("P4_S16")),
+                         f"{key}: IMAGE_EMB_S16 differs from P4_S16")
+        with problems_to(report("sam2.coverage"), "images"):
+            image_coverage(report("sam2.coverage"), store, Path(prov["images"]),
+                           all_failed(failed))
+
+
+def check_edges(report: Report, folder: Path) -> None:
+    """edge_maps_methodB: one uint8 0/1 map per recorded size, flags, coverage."""
+    from featcache.edges import EDGE_VERSION, edge_key
+
+    store, failed = open_npz_output(report, "edges", folder)
+    if store is None:
+        return
+    prov = store.provenance
+    shapes, binary, flags = report("edges.shapes"), report("edges.binary"), report("edges.flags")
+    with problems_to(shapes, "provenance"):
+        sizes = [int(s) for s in prov["sizes"]]
+        flags.expect(prov.get("edge_version") == EDGE_VERSION,
+                     f"provenance: edge_version {prov.get('edge_version')!r}")
+        for key, arrays in npz_items(report, "edges", store):
+            shapes.items += 1
+            binary.items += 1
+            for size in sizes:
+                edge = arrays.get(edge_key(size))
+                if expect_array(shapes, f"{key} {edge_key(size)}", edge, (size, size), np.uint8):
+                    binary.expect(bool((edge <= 1).all()), f"{key} {edge_key(size)}: values "
+                                                           f"{np.unique(edge)[:5].tolist()}")
+            flags.items += 1
+            flag, version = arrays.get("edge_flag"), arrays.get("edge_version")
+            flags.expect(flag is not None and flag.shape == () and int(flag) == 1,
+                         f"{key}: edge_flag is {flag!r}, expected 1")
+            flags.expect(version is not None and str(version) == EDGE_VERSION,
+                         f"{key}: edge_version is {version!r}, expected {EDGE_VERSION!r}")
+        with problems_to(report("edges.coverage"), "images"):
+            image_coverage(report("edges.coverage"), store, Path(prov["sa1b"]),
+                           all_failed(failed))
+
+
+def check_uv_index(report: Report, folder: Path, metrics: Path, max_px: float) -> None:
+    """build_uv_index: per-frame arrays, points inside the image, re-projection, coverage."""
+    from featcache.config import build_dataclass
+    from featcache.uv_index import STAGE as UV_STAGE
+    from featcache.uv_index import UvIndexJob, UvIndexParams
+
+    store, failed = open_npz_output(report, "uv_index", folder)
+    if store is None:
+        return
+    shapes, reproj = report("uv_index.shapes"), report("uv_index.reprojection")
+    worst = 0.0
+    for key, a in npz_items(report, "uv_index", store):
+        shapes.items += 1
+        n = len(a["uv_idx"]) if isinstance(a.get("uv_idx"), np.ndarray) else None
+        ok = all([expect_array(shapes, f"{key} uv_idx", a.get("uv_idx"), (n, 2), np.float32),
+                  expect_array(shapes, f"{key} valid", a.get("valid"), (n,), np.bool_),
+                  expect_array(shapes, f"{key} depth", a.get("depth"), (n,), np.float32),
+                  expect_array(shapes, f"{key} conf_2d", a.get("conf_2d"), (n,), np.float32),
+                  expect_array(shapes, f"{key} image_size", a.get("image_size"), (2,), np.int32)])
+        if ok:
+            uv, valid, (width, height) = a["uv_idx"][a["valid"]], a["valid"], a["image_size"]
+            inside = (uv >= 0).all() and (uv[:, 0] <= width - 1).all() \
+                and (uv[:, 1] <= height - 1).all()
+            shapes.expect(bool(inside), f"{key}: a valid point lies outside the image")
+            shapes.expect(bool((a["conf_2d"][~valid] == 0).all()),
+                          f"{key}: conf_2d > 0 where not valid")
+        reproj.items += 1
+        err = float(a.get("reproj_err_px", np.nan))
+        worst = max(worst, err) if np.isfinite(err) else np.inf
+        reproj.expect(err < max_px, f"{key}: re-projection error {err} px >= {max_px}")
+    reproj.numbers["max_px"] = round(worst, 6)
+    if metrics.as_posix() not in ("", "."):
+        with problems_to(reproj, metrics.name):
+            metric = float(json.loads(metrics.read_text())["reprojection_max_px"])
+            reproj.numbers["metric_reprojection_max_px"] = metric
+            reproj.expect(metric < max_px, f"{metrics}: reprojection_max_px {metric} >= {max_px}")
+    with problems_to(report("uv_index.coverage"), "provenance"):
+        params = build_dataclass(UvIndexParams, store.provenance["params"], UV_STAGE)
+        expected = [(item, (item,)) for item in UvIndexJob(params).items()]
+        check_coverage(report("uv_index.coverage"), expected, set(store),
+                       all_failed(failed))
+
+
+def check_point_feats(report: Report, folder: Path, uv_folder: Path) -> None:
+    """sample_point_feats: ``(N, C)`` fp16 on the uv index's points, zero where not valid."""
+    store, failed = open_npz_output(report, "point_feats", folder)
+    if store is None:
+        return
+    shapes, valid_check = report("point_feats.shapes"), report("point_feats.valid")
+    with problems_to(shapes, "provenance"):
+        uv_store = open_features(uv_folder)
+        prov = store.provenance
+        upscale = int(prov["params"]["upscale"])
+        widths = {scene: model_dims("open_clip", source.get("model", ""))[0]
+                  for scene, source in prov["clip_grid"].items()}
+        for key, a in npz_items(report, "point_feats", store):
+            width = widths.get(key.split("/")[0])
+            channels = width // upscale ** 2 if width else None
+            uv = uv_store[key] if key in uv_store else {}
+            n = len(uv["uv_idx"]) if "uv_idx" in uv else None
+            shapes.items += 1
+            ok = all([expect_array(shapes, f"{key} pts_feat", a.get("pts_feat"), (n, channels),
+                                   np.float16),
+                      expect_array(shapes, f"{key} valid", a.get("valid"), (n,), np.bool_),
+                      expect_array(shapes, f"{key} conf_2d", a.get("conf_2d"), (n,), np.float32)])
+            valid_check.items += 1
+            if ok and valid_check.expect(n is not None, f"{key}: no uv index frame"):
+                valid = a["valid"]
+                valid_check.expect(np.array_equal(a.get("uv_idx"), uv["uv_idx"]),
+                                   f"{key}: uv_idx differs from the uv index")
+                valid_check.expect(bool((uv["valid"] | ~valid).all()),
+                                   f"{key}: valid where the uv index is not")
+                valid_check.expect(not a["pts_feat"][~valid].any() and
+                                   not a["conf_2d"][~valid].any(),
+                                   f"{key}: non-zero features or conf_2d where not valid")
+        check_coverage(report("point_feats.coverage"), [(k, (k,)) for k in uv_store],
+                       set(store), all_failed(failed))

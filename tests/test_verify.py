@@ -1,0 +1,252 @@
+"""verify: passes on real outputs of every stage, and each corruption fails exactly its check.
+
+The world is the embedded sample with every stage run on it with the tiny models (SAM2 files are
+written with the engine's NPZ writer: hiera_t at 1024 takes seconds per image on a CPU). Each
+corruption test copies the features, breaks one thing and expects exactly one check to fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from encoder_fixtures import tiny_spec
+from featcache.atomic import save_npz
+from featcache.clip_grid import ClipGridParams, extract_clip_grid
+from featcache.config import ParamError, SharedParams, build_dataclass
+from featcache.dinov2 import Dinov2Params, extract_dinov2
+from featcache.edges import EdgeParams, run_edge_maps
+from featcache.encoders import TINY_DINOV2, TINY_OPENCLIP, TINY_SIGLIP
+from featcache.engine import WriterOptions, get_writer, write_failures
+from featcache.images import list_images
+from featcache.point_feats import PointFeatsParams, sample_point_feats
+from featcache.sample import generate_sample
+from featcache.siglip import SiglipParams, extract_siglip
+from featcache.uv_index import UvIndexParams, build_uv_index
+from featcache.verify import VerificationFailed, VerifyParams, verify
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = SharedParams(model=TINY_OPENCLIP, weights="random", device="cpu", seed=0)
+FEATURES = ("clip_grid", "dinov2", "siglip", "sam2", "edges", "uv_index", "point_feats")
+SCENES = ("scene0000_00", "scene0001_00")
+
+
+def write_fake_sam2(images: Path, out: Path) -> None:
+    """SAM2 outputs in the exact format extract_sam2 writes, at a 256 input (P4 16x16)."""
+    spec = tiny_spec("sam2")
+    prov = {"model": spec.name, "family": "sam2", "weights": "random",
+            "weights_id": "random(seed=0)", "preprocessing": spec.to_dict(), "dtype": "fp16",
+            "images": images.as_posix(), "code_version": "test"}
+    rng = np.random.default_rng(0)
+    writer = get_writer("npz")(out, provenance=prov,
+                               options=WriterOptions(dtype="fp16", suffix="_features"))
+    with writer:
+        for path in list_images(images):
+            p4 = rng.normal(size=(1, 256, 16, 16)).astype(np.float32)
+            writer.write([path.stem], {"P4_S16": p4, "P5_S32": p4[:, :, ::2, ::2],
+                                       "IMAGE_EMB_S16": p4, "feature_flag": np.ones(1, np.int64)})
+    write_failures(out / "failures.tsv", [])
+
+
+def build_world(root: Path) -> None:
+    """The sample in ``raw/``, every output in ``features/``, metrics in ``metrics/`` (cwd)."""
+    generate_sample("raw", seed=0)
+    engine = {"num_workers": 0, "max_failures": 0.5}
+    splits = [{"name": "coco_val2017", "images": "coco/val2017"}] + \
+        [{"name": s, "images": f"scannet/scans/{s}/color"} for s in SCENES]
+    extract_clip_grid(SHARED, build_dataclass(ClipGridParams, {
+        "root": "raw", "out": "features/clip_grid", "splits": splits, **engine}, "c"))
+    extract_dinov2(SHARED, build_dataclass(Dinov2Params, {
+        "root": "raw", "out": "features/dinov2", "model": TINY_DINOV2, "size": 56,
+        "splits": [{"name": "images", "images": "images"}], **engine}, "d"))
+    extract_siglip(SHARED, build_dataclass(SiglipParams, {
+        "coco": "raw/coco", "split": "val2017", "out": "features/siglip", "model": TINY_SIGLIP,
+        **engine}, "s"))
+    write_fake_sam2(Path("raw/sa1b"), Path("features/sam2"))
+    run_edge_maps(build_dataclass(EdgeParams, {"sa1b": "raw/sa1b", "out": "features/edges",
+                                               **engine}, "e"))
+    build_uv_index(build_dataclass(UvIndexParams, {
+        "scannet": "raw/scannet", "scenes": "scannetv2_sample.txt", "out": "features/uv_index",
+        "frames_per_scene": 3, **engine}, "u"))
+    sample_point_feats(build_dataclass(PointFeatsParams, {
+        "uv_index": "features/uv_index", "clip_grid": "features/clip_grid",
+        "out": "features/point_feats", **engine}, "p"))
+
+
+def verify_params(features: Path, report: Path, **overrides: Any) -> VerifyParams:
+    values = {"raw": "raw", **{name: str(features / name) for name in FEATURES},
+              "uv_metrics": "metrics/build_uv_index.json", "report": str(report),
+              "pictures": str(report.parent / "pictures"), "spot_check": 0,
+              "picture_items": 0, **overrides}
+    return build_dataclass(VerifyParams, values, "verify")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("world")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        build_world(root)
+        yield root
+
+
+@pytest.fixture()
+def copy(world: Path, tmp_path: Path) -> Path:
+    """A copy of the world's features to corrupt (provenance paths still resolve: cwd is the
+    world)."""
+    shutil.copytree(world / "features", tmp_path / "features")
+    return tmp_path / "features"
+
+
+def test_real_outputs_pass_every_check_and_get_pictures(world: Path) -> None:
+    report_path = world / "reports" / "verify.json"
+    report = verify(SHARED, verify_params(world / "features", report_path, spot_check=2,
+                                          picture_items=2))
+    doc = json.loads(report_path.read_text())
+    assert doc["passed"] and doc["failed"] == [] and not report.failed
+    kinds = {name.split(".")[0] for name in doc["checks"]}
+    assert kinds == set(FEATURES)
+    for name in ("clip_grid.spot_check", "dinov2.spot_check", "siglip.unit_norm",
+                 "siglip.index", "siglip.coverage", "edges.binary", "sam2.flags",
+                 "uv_index.reprojection", "point_feats.valid"):
+        assert doc["checks"][name]["passed"] and doc["checks"][name]["items"] > 0, name
+    assert doc["checks"]["clip_grid.spot_check"]["items"] == 2 * 3      # 2 per grid file
+    assert doc["checks"]["clip_grid.spot_check"]["min_cosine"] >= 0.999
+    assert doc["checks"]["siglip.unit_norm"]["max_norm_error"] < 1e-3
+    assert doc["checks"]["uv_index.reprojection"]["max_px"] < 1
+    # the deliberate bad inputs of the sample are failures rows, so coverage still passes
+    assert doc["checks"]["siglip.coverage"]["items"] == doc["checks"]["siglip.index"]["items"] + 1
+    names = {Path(p).name for p in doc["pictures"]}
+    assert names == {"clip_grid_pca.png", "dinov2_pca.png", "edges.png", "uv_projection.png",
+                     "siglip_segments.png"}
+    for path in doc["pictures"]:
+        assert Path(path).stat().st_size > 1000
+    again = world / "reports" / "again.json"
+    verify(SHARED, verify_params(world / "features", again, spot_check=2, picture_items=2))
+    assert again.read_bytes() == report_path.read_bytes()  # no times: a deterministic metric
+
+
+def first_key(h5: Path, field: str = "grids") -> str:
+    with h5py.File(h5, "r") as f:
+        return sorted(n for n in f if n.endswith(f"_{field}"))[0]
+
+
+def scale_embedding(features: Path) -> None:
+    with h5py.File(features / "siglip" / "embeddings.h5", "r+") as f:
+        f["embeddings"][3] = f["embeddings"][3] * np.float16(1.5)
+
+
+def add_tsv_row(features: Path) -> None:
+    with open(features / "siglip" / "inst2feat.tsv", "a") as f:
+        f.write("000000999999\t7\tembeddings.h5#70\n")
+
+
+def drop_grid(features: Path) -> None:
+    h5 = features / "clip_grid" / "coco_val2017.h5"
+    key = first_key(h5)[:-len("_grids")]
+    with h5py.File(h5, "r+") as f:
+        del f[f"{key}_grids"], f[f"{key}_global"]
+
+
+def roll_grid(features: Path) -> None:
+    h5 = features / "clip_grid" / "coco_val2017.h5"
+    name = first_key(h5)
+    with h5py.File(h5, "r+") as f:
+        f[name][...] = np.roll(f[name][()], 1, axis=0)  # patches shifted by one position
+
+
+def rewrite_npz(path: Path, change: Callable[[dict[str, np.ndarray]], None]) -> None:
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    change(arrays)
+    save_npz(path, arrays)
+
+
+def first_npz(folder: Path) -> Path:
+    return sorted(folder.rglob("*.npz"))[0]
+
+
+def non_binary_edges(features: Path) -> None:
+    rewrite_npz(first_npz(features / "edges"), lambda a: a["edge_64x64"].__setitem__((0, 0), 2))
+
+
+def clear_feature_flag(features: Path) -> None:
+    rewrite_npz(first_npz(features / "sam2"), lambda a: a.__setitem__("feature_flag",
+                                                                     np.array(0, np.int64)))
+
+
+def bad_reprojection(features: Path) -> None:
+    rewrite_npz(first_npz(features / "uv_index"),
+                lambda a: a.__setitem__("reproj_err_px", np.array(1.5, np.float32)))
+
+
+def features_where_invalid(features: Path) -> None:
+    def change(a: dict[str, np.ndarray]) -> None:
+        a["pts_feat"][np.flatnonzero(~a["valid"])[0]] = 1
+    rewrite_npz(first_npz(features / "point_feats"), change)
+
+
+@pytest.mark.parametrize("corrupt, check, spot", [
+    (scale_embedding, "siglip.unit_norm", 0),
+    (add_tsv_row, "siglip.index", 0),
+    (drop_grid, "clip_grid.coverage", 0),
+    (non_binary_edges, "edges.binary", 0),
+    (roll_grid, "clip_grid.spot_check", 9),      # every coco key recomputed
+    (clear_feature_flag, "sam2.flags", 0),
+    (bad_reprojection, "uv_index.reprojection", 0),
+    (features_where_invalid, "point_feats.valid", 0),
+])
+def test_each_corruption_fails_its_check(copy: Path, corrupt: Callable[[Path], None],
+                                         check: str, spot: int) -> None:
+    corrupt(copy)
+    report_path = copy.parent / "verify.json"
+    with pytest.raises(VerificationFailed, match=check.replace(".", r"\.")):
+        verify(SHARED, verify_params(copy, report_path, spot_check=spot))
+    doc = json.loads(report_path.read_text())  # written before failing
+    assert not doc["passed"] and doc["failed"] == [check]
+    failed = doc["checks"][check]
+    assert failed["problems"] >= 1 and failed["first_problems"]
+
+
+def test_a_missing_output_and_an_unreadable_file_are_reported(copy: Path) -> None:
+    shutil.rmtree(copy / "dinov2")
+    (first_npz(copy / "edges")).write_bytes(b"not a zip file")
+    with pytest.raises(VerificationFailed) as e:
+        verify(SHARED, verify_params(copy, copy.parent / "verify.json"))
+    assert "dinov2.readable" in str(e.value) and "edges.readable" in str(e.value)
+
+
+def test_bad_params_name_the_key(copy: Path) -> None:
+    with pytest.raises(ParamError, match="verify.min_cosine"):
+        verify_params(copy, copy.parent / "v.json", min_cosine=1.5)
+    with pytest.raises(ParamError, match="verify.spot_check"):
+        verify_params(copy, copy.parent / "v.json", spot_check=-1)
+
+
+def test_stage_script_writes_the_report_then_exits_1(world: Path, copy: Path,
+                                                      tmp_path: Path) -> None:
+    non_binary_edges(copy)
+    params = verify_params(copy, tmp_path / "verify.json")
+    doc = {"model": TINY_OPENCLIP, "weights": "random", "device": "cpu", "seed": 0,
+           "verify": dataclasses.asdict(params)}
+    params_file = world / "params.yaml"  # the stage runs where the outputs' provenance points
+    params_file.write_text(yaml.safe_dump(doc))
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "stages" / "verify.py")], cwd=world,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        params_file.unlink()
+    assert proc.returncode == 1, proc.stderr
+    assert "edges.binary" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "verify.json").read_text())["failed"] == ["edges.binary"]
