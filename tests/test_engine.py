@@ -184,3 +184,16 @@ def test_precision_fp32_on_cpu_by_default_and_on_request():
         assert lin(x).dtype == torch.bfloat16
     with autocast_for(cpu, "fp32"):
         assert lin(x).dtype == torch.float32
+
+
+def test_unknown_writer_name_is_refused_before_any_work(tmp_path, monkeypatch):
+    from featcache.engine import get_writer
+
+    with pytest.raises(KeyError, match="'zarr'.*hdf5, hdf5_packed, npy, npz"):
+        get_writer("zarr")
+    monkeypatch.chdir(tmp_path)
+    compute = ToyCompute(0.0)
+    with pytest.raises(KeyError, match="zarr"):
+        run_job(ToyJob(5, False), compute, stage="toy", out=tmp_path / "o", writer="zarr",
+                provenance={}, fingerprint={}, params=EngineParams(num_workers=0))
+    assert compute.calls == [] and not (tmp_path / ".featcache").exists()
