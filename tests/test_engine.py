@@ -197,3 +197,21 @@ def test_unknown_writer_name_is_refused_before_any_work(tmp_path, monkeypatch):
         run_job(ToyJob(5, False), compute, stage="toy", out=tmp_path / "o", writer="zarr",
                 provenance={}, fingerprint={}, params=EngineParams(num_workers=0))
     assert compute.calls == [] and not (tmp_path / ".featcache").exists()
+
+
+def test_a_piece_the_model_fails_on_is_one_failure_row(tmp_path, monkeypatch):
+    class PickyCompute(ToyCompute):
+        def __call__(self, batch):
+            if "i004_b" in batch.keys:
+                raise FloatingPointError("non-finite output for i004_b")
+            return super().__call__(batch)
+
+    monkeypatch.chdir(tmp_path)
+    compute = PickyCompute(0.0)
+    result = run_job(ToyJob(10, False), compute, stage="toy", out=tmp_path / "o.h5",
+                     writer="hdf5", provenance={}, fingerprint={},
+                     params=EngineParams(batch_size=4, num_workers=0))
+    assert [(f.item, f.error) for f in result.failures] == [("i004_b", "FloatingPointError")]
+    assert result.records == 19
+    with h5py.File(tmp_path / "o.h5") as f:
+        assert "i004_a_feat" in f and "i004_b_feat" not in f and "i005_a_feat" in f

@@ -97,6 +97,34 @@ class _ChunkBook:
         self.pool.shutdown()
 
 
+def _compute_into(compute: Compute, taken: list[tuple[int, Piece]], book: _ChunkBook) -> None:
+    """Run ``compute`` on the pieces and file each output record under its chunk.
+
+    When a batch fails, its pieces are retried one by one, so that one bad input (a crop the
+    model cannot take, a non-finite output) becomes one failure row, not the end of the run;
+    an error that every piece hits still fails all of them, and ``max_failures`` then fails
+    the stage.
+    """
+    try:
+        with torch.inference_mode():
+            out = compute(make_batch([p for _, p in taken]))
+    except Exception as e:
+        if len(taken) == 1:
+            c, p = taken[0]
+            book.failures[c].append(Failure(p.key, type(e).__name__, str(e) or repr(e)))
+            book.open_pieces[c] -= 1
+            return
+        log.warning("a batch of %d failed (%s: %s); retrying its pieces one by one",
+                    len(taken), type(e).__name__, e)
+        for one in taken:
+            _compute_into(compute, [one], book)
+        return
+    for i, (c, p) in enumerate(taken):
+        book.records[c].append((p.key, {k: np.asarray(v[i]) for k, v in out.items()
+                                        if v[i] is not None}))
+        book.open_pieces[c] -= 1
+
+
 def _compute_chunks(job: Job, compute: Compute | None, work: list[tuple[int, str]],
                     book: _ChunkBook, params: EngineParams, label: str,
                     result: RunResult) -> None:
@@ -109,13 +137,8 @@ def _compute_chunks(job: Job, compute: Compute | None, work: list[tuple[int, str
     def run_batch(n: int) -> None:
         taken = [queue.popleft() for _ in range(n)]
         t = time.perf_counter()
-        with torch.inference_mode():
-            out = compute(make_batch([p for _, p in taken]))
+        _compute_into(compute, taken, book)
         result.compute_s += time.perf_counter() - t
-        for i, (c, p) in enumerate(taken):
-            fields = {k: np.asarray(v[i]) for k, v in out.items() if v[i] is not None}
-            book.records[c].append((p.key, fields))
-            book.open_pieces[c] -= 1
 
     for chunk, results in tqdm(loader, total=len(work), desc=label, unit="item",
                                mininterval=2.0):
