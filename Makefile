@@ -22,4 +22,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean-scratch:
-	rm -rf .featcache/work
+	rm -rf .featcache/scratch

@@ -102,7 +102,7 @@ def test_writers_round_trip_and_are_byte_deterministic(tmp_path, monkeypatch, wr
 def test_scratch_is_removed_and_output_lands_whole(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out, _, _ = run_inline(tmp_path, "npz", n=10)
-    assert not list((tmp_path / ".featcache" / "work").rglob("chunk_*"))
+    assert not list((tmp_path / ".featcache" / "scratch").rglob("chunk_*"))
     assert sorted(p.name for p in out.iterdir())[:2] == ["i000_a.npz", "i000_b.npz"]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 

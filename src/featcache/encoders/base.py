@@ -80,11 +80,11 @@ class Encoder(torch.nn.Module):
     """Base of every family wrapper: holds the spec, the weights identity and provenance.
 
     Subclasses implement :meth:`forward` and set :attr:`notes` (what the features are, in
-    words) and :attr:`library` (the upstream package that defines the model).
+    words) and :attr:`upstream` (the upstream package that defines the model).
     """
 
     notes: str = ""
-    library: str = ""
+    upstream: str = ""
 
     def __init__(self, spec: EncoderSpec, weights_id: str) -> None:
         super().__init__()
@@ -103,7 +103,7 @@ class Encoder(torch.nn.Module):
             "weights": self.spec.weights,
             "weights_id": self.weights_id,
             "preprocessing": self.spec.to_dict(),
-            "library": self.library,
+            "library": self.upstream,
             "library_versions": library_versions(),
             "notes": self.notes,
         }

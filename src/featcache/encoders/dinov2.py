@@ -86,7 +86,7 @@ def resolve_dinov2_spec(name: str, *, weights: str, seed: int = 0, image_size: i
 class Dinov2Encoder(Encoder):
     """Patch tokens of a DINOv2 model as a grid; see the module docstring."""
 
-    library = "transformers"
+    upstream = "transformers"
     notes = ("grid = last_hidden_state[:, 1 + num_register_tokens:] (after the final layernorm), "
              "reshaped to [B, hidden, H/14, W/14]; no pooled output")
 

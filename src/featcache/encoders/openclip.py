@@ -143,7 +143,7 @@ def resolve_openclip_spec(name: str, *, weights: str, seed: int = 0,
 class OpenClipEncoder(Encoder):
     """open_clip image tower; see the module docstring for what ``grid``/``pooled`` are."""
 
-    library = "open_clip_torch"
+    upstream = "open_clip_torch"
     notes = ("pooled = model.encode_image(x), unnormalised; grid = patch tokens of the chosen "
              "block after the tower's final norm (ln_post / trunk.norm), NOT projected by proj, "
              "prefix tokens removed")

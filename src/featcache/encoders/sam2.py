@@ -101,7 +101,7 @@ def build_image_encoder(config: str, scalp: int = 0) -> torch.nn.Module:
 class Sam2Encoder(Encoder):
     """SAM2 image encoder returning the raw stride-16 and stride-32 FPN levels."""
 
-    library = "sam2"
+    upstream = "sam2"
     notes = ("levels = raw image_encoder backbone_fpn levels (built with scalp=0): "
              "P4_S16 = backbone_fpn[2], P5_S32 = backbone_fpn[3]; SAM2's conv_s0/conv_s1 "
              "and no_mem_embed are NOT applied")

@@ -1,6 +1,6 @@
 """Fingerprints and the scratch area where finished chunks wait for assembly.
 
-A run works in ``.featcache/work/<stage>/<output>/<fingerprint>/``, outside every DVC output
+A run works in ``.featcache/scratch/<stage>/<output>/<fingerprint>/``, outside every DVC output
 (DVC deletes a stage's outputs before running it, but not this folder). The fingerprint hashes
 everything that determines the result; a re-run with the same fingerprint reuses the finished
 chunks, a different one starts clean (older fingerprints of that output are removed).
@@ -23,7 +23,7 @@ import numpy as np
 from featcache.atomic import save_npz
 from featcache.engine.types import Failure
 
-SCRATCH_ROOT = Path(".featcache") / "work"
+SCRATCH_ROOT = Path(".featcache") / "scratch"
 
 
 def fingerprint_of(parts: Mapping[str, Any]) -> str:
