@@ -214,10 +214,3 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
 
 def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def as_dict(params: Any) -> dict[str, Any]:
-    """A dataclass as a plain JSON-able dict (for fingerprints and provenance)."""
-    return dataclasses.asdict(params)
-
-

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from featcache.config import ParamError, as_dict, require
+from featcache.config import ParamError, require
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
 from featcache.images import find_duplicate_keys
 from featcache.sa1b import (Sa1bError, iter_instance_masks, json_path_for,
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 STAGE = "edge_maps_methodB"
 EDGE_VERSION = "B_v1"
 OUTPUT_SUFFIX = "_edges"
-_ENGINE_KNOBS = frozenset(f.name for f in fields(EngineParams))  # never change the result
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,7 +197,7 @@ def run_edge_maps(params: EdgeParams) -> RunResult:
 
     job = build_edge_job(params)
     images = [job.folder / name for name in job.images]
-    method = {k: v for k, v in as_dict(params).items() if k not in _ENGINE_KNOBS}
+    method = params.method_params()
     fingerprint = {"params": method,
                    "inputs": file_signature(images + [json_path_for(p) for p in images])}
     result = run_job(job, None, stage=STAGE, out=params.out, writer="npz",

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featcache.config import ParamError, as_dict, require
+from featcache.config import ParamError, require
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
 
 if TYPE_CHECKING:
@@ -226,8 +226,7 @@ def check_inputs(params: PointFeatsParams) -> None:
 
 def method_params(params: PointFeatsParams) -> dict[str, object]:
     """The params that determine the result (engine knobs such as ``num_workers`` excluded)."""
-    knobs = {f.name for f in dataclasses.fields(EngineParams)}
-    return {k: v for k, v in as_dict(params).items() if k not in knobs}
+    return params.method_params()
 
 
 def sample_point_feats(params: PointFeatsParams) -> RunResult:

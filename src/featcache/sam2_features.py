@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from featcache.config import ParamError, SharedParams, as_dict, require
-from featcache.engine.types import Batch, EngineParams, Failure, ModelParams, Piece, RunResult
+from featcache.config import ParamError, SharedParams, require
+from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult
 from featcache.images import ImageDecodeError, find_duplicate_keys, list_images, load_image
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ STAGE = "extract_sam2"
 OUTPUT_SUFFIX = "_features"
 FEATURE_FLAG = 1
 LEVELS = ("P4_S16", "P5_S32")  # (256, 64, 64) and (256, 32, 32) at the 1024 input
-_ENGINE_KNOBS = frozenset(f.name for f in fields(EngineParams))  # never change the result
 
 
 def known_configs() -> tuple[str, ...]:
@@ -190,7 +189,7 @@ def sam2_fingerprint(job: Sam2Job, params: Sam2Params, encoder: Encoder,
     params (not the engine knobs), spec, weights identity, device type, precision, inputs."""
     from featcache.engine import file_signature
 
-    return {"params": {k: v for k, v in as_dict(params).items() if k not in _ENGINE_KNOBS},
+    return {"params": params.method_params(),
             "spec": encoder.spec.to_dict(), "weights_id": encoder.weights_id,
             "device": next(encoder.parameters()).device.type, "precision": precision,
             "inputs": file_signature(job.folder / name for name in job.images)}

@@ -25,7 +25,7 @@ segments):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,8 +34,8 @@ import numpy as np
 from featcache.atomic import write_text
 from featcache.coco_panoptic import (PanopticEntry, PanopticError, PanopticSplit,
                                      read_ids_and_image, read_panoptic_split, segment_key)
-from featcache.config import ParamError, SharedParams, as_dict, require
-from featcache.engine.types import Batch, EngineParams, Failure, ModelParams, Piece, RunResult
+from featcache.config import ParamError, SharedParams, require
+from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +48,6 @@ STAGE = "extract_siglip"
 H5_NAME = "embeddings.h5"
 INDEX_NAME = "inst2feat.tsv"
 INDEX_HEADER = "image_id\tsegment_id\tfeat_file"
-_ENGINE_KNOBS = frozenset(f.name for f in fields(EngineParams))  # never change the result
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1: pixel columns/rows, end exclusive
 
 
@@ -272,7 +271,7 @@ def siglip_provenance(params: SiglipParams, encoder: Encoder) -> dict[str, Any]:
 
 def method_params(params: SiglipParams) -> dict[str, Any]:
     """The params that change the result (engine knobs removed)."""
-    return {k: v for k, v in as_dict(params).items() if k not in _ENGINE_KNOBS}
+    return params.method_params()
 
 
 def failed_images(failures: list[Failure]) -> int:

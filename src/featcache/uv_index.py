@@ -19,7 +19,6 @@ Frames with a non-finite pose, a missing file or an all-zero depth map become ro
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache import geometry, scannet
-from featcache.config import ParamError, as_dict, require
+from featcache.config import ParamError, require
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
 
 log = logging.getLogger(__name__)
@@ -221,8 +220,7 @@ def check_inputs(params: UvIndexParams) -> None:
 
 def method_params(params: UvIndexParams) -> dict[str, object]:
     """The params that determine the result (engine knobs such as ``num_workers`` excluded)."""
-    knobs = {f.name for f in dataclasses.fields(EngineParams)}
-    return {k: v for k, v in as_dict(params).items() if k not in knobs}
+    return params.method_params()
 
 
 def build_uv_index(params: UvIndexParams) -> RunResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -21,6 +22,12 @@ class EngineParams:
     batch_size: int = 16
     num_workers: int = 2
     max_failures: float = 0.0
+
+    def method_params(self) -> dict:
+        """The params that determine the result, as a plain dict: everything but the engine
+        knobs above (for fingerprints and provenance)."""
+        knobs = {f.name for f in dataclasses.fields(EngineParams)}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in knobs}
 
     def validate(self) -> None:
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
