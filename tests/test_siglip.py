@@ -8,6 +8,7 @@ generated COCO-panoptic splits (``SplitBuilder`` from test_coco_panoptic.py).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -353,3 +354,19 @@ def test_compute_refuses_to_store_embeddings_that_are_not_unit_norm():
     batch = Batch(keys=["a_1", "a_2", "a_3"], inputs=torch.zeros(3, 3, 8, 8), arrays={})
     with pytest.raises(FloatingPointError, match=r"\['a_1', 'a_2'\]"):
         SiglipCompute(BrokenEncoder(), torch.device("cpu"), with_ids=False)(batch)
+
+
+def test_spot_check_recomputes_segments_and_catches_a_tampered_one(hdf5_run, tmp_path):
+    import h5py
+
+    from featcache.spotcheck import spot_check_segments
+
+    out, _ = hdf5_run
+    good = spot_check_segments(out / "embeddings.h5", n=3)
+    assert len(good.keys) == 3 and good.passed(0.999), good
+    bad = tmp_path / "embeddings.h5"
+    shutil.copy(out / "embeddings.h5", bad)
+    with h5py.File(bad, "r+") as f:
+        f["embeddings"][:] = f["embeddings"][()][::-1]  # every row now belongs to another segment
+    tampered = spot_check_segments(bad, n=3)
+    assert tampered.keys == good.keys and not tampered.passed(0.999)

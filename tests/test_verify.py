@@ -117,7 +117,8 @@ def test_real_outputs_pass_every_check_and_get_pictures(world: Path) -> None:
     assert doc["passed"] and doc["failed"] == [] and not report.failed
     kinds = {name.split(".")[0] for name in doc["checks"]}
     assert kinds == set(FEATURES)
-    for name in ("clip_grid.spot_check", "dinov2.spot_check", "siglip.unit_norm",
+    for name in ("clip_grid.spot_check", "dinov2.spot_check", "siglip.spot_check",
+                 "siglip.unit_norm",
                  "siglip.index", "siglip.coverage", "edges.binary", "sam2.flags",
                  "uv_index.reprojection", "point_feats.valid"):
         assert doc["checks"][name]["passed"] and doc["checks"][name]["items"] > 0, name

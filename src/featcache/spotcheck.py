@@ -1,4 +1,4 @@
-"""Spot check: recompute a few cached grids live and compare them with the cache.
+"""Spot check: recompute a few cached features live and compare them with the cache.
 
 The seed's answer to "how do I know the features are right?" made exact: pick ``n`` random keys
 of a grid output (``extract_clip_grid`` or ``extract_dinov2``), rebuild the encoder named in the
@@ -7,6 +7,8 @@ alpha compositing / preprocessing / pooling / layout on the source images, and c
 
     result = spot_check("data/features/clip_grid/coco_val2017.h5", n=4)
     assert result.passed(min_cosine=0.999), result
+
+:func:`spot_check_segments` does the same for ``extract_siglip``'s segment embeddings.
 
 Cosine similarity is taken per feature vector (each token's channel vector for grids, the whole
 vector for ``global``); ``max_abs_diff`` is over every element. The live features are computed
@@ -117,6 +119,59 @@ def recompute(prov: dict[str, Any], folder: Path, keys: list[str], field: str,
         with torch.inference_mode():
             out = compute(make_batch(loaded))
         live[key] = np.asarray(out[field][0], dtype=np.float32)
+    return live, errors
+
+
+def spot_check_segments(path: str | Path, n: int = 4, *, coco: str | Path | None = None,
+                        seed: int = 0, device: str = "cpu") -> SpotCheckResult:
+    """Recompute ``n`` random segment embeddings of an ``extract_siglip`` output (packed HDF5
+    ``embeddings.h5``) from the COCO split named in its provenance (``coco`` overrides the
+    root) with the same crop, blend, preprocessing and model, and compare (cosine per
+    embedding; both are unit-norm)."""
+    store = open_features(path)
+    prov = store.provenance
+    keys = random.Random(seed).sample(sorted(store), min(n, len(store)))
+    live, errors = recompute_segments(prov, Path(coco or prov["coco"]), keys, device)
+    diffs = [float(np.abs(np.asarray(store[k], np.float32) - v).max()) for k, v in live.items()]
+    cosines = [float(_cosines(np.asarray(store[k], np.float32), v, -1)) for k, v in live.items()]
+    result = SpotCheckResult(str(path), tuple(live), max(diffs, default=float("nan")),
+                             min(cosines, default=float("nan")), tuple(errors))
+    log.info("spot check %s: %d segments, max |diff| %.3g, min cosine %.6f, %d errors", path,
+             len(live), result.max_abs_diff, result.min_cosine, len(errors))
+    return result
+
+
+def recompute_segments(prov: dict[str, Any], coco: Path, keys: list[str], device: str = "cpu",
+                       ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+    """Live float32 embeddings of the segment ``keys`` and ``(key, reason)`` errors."""
+    import torch
+
+    from featcache.coco_panoptic import PanopticError, read_panoptic_split, segment_key
+    from featcache.encoders import Preprocessor, load_encoder, resolve_device
+    from featcache.engine import Piece, make_batch
+    from featcache.siglip import CropSettings, SiglipCompute, SiglipJob
+
+    spec = spec_from_provenance(prov["preprocessing"])
+    try:
+        split = read_panoptic_split(coco, prov["split"])
+    except (FileNotFoundError, PanopticError) as e:
+        return {}, [(key, f"cannot read the COCO split: {e}") for key in keys]
+    crop = prov["crop"]
+    job = SiglipJob(split, Preprocessor(spec), CropSettings(
+        crop["bg_alpha"], crop["pad_ratio"], tuple(crop["fill"]), crop["min_crop"]))
+    item_of = {segment_key(e.image.image_id, seg.id): e.item for e in split.entries
+               if e.image is not None for seg in e.image.segments}
+    encoder = load_encoder(spec, resolve_device(device))
+    compute = SiglipCompute(encoder, next(encoder.parameters()).device, with_ids=False)
+    live, errors = {}, []
+    for key in keys:
+        pieces = [p for p in job.load(item_of[key]) if isinstance(p, Piece) and p.key == key] \
+            if key in item_of else []
+        if not pieces:
+            errors.append((key, f"segment {key} could not be recomputed from {coco}"))
+            continue
+        with torch.inference_mode():
+            live[key] = np.asarray(compute(make_batch(pieces))["embeddings"][0], np.float32)
     return live, errors
 
 

@@ -23,7 +23,8 @@ params; their outputs are its dependencies):
   the stage metric ``reprojection_max_px`` below ``max_reprojection_px``), ``point_feats.valid``
   (the uv index's points, features zero where not valid).
 - ``<grid output>.spot_check``: ``spot_check`` random items of every grid file recomputed live
-  (:func:`featcache.spotcheck.spot_check`), min cosine >= ``min_cosine``.
+  (:func:`featcache.spotcheck.spot_check`), min cosine >= ``min_cosine``; ``siglip.spot_check``
+  likewise for segment embeddings (:func:`featcache.spotcheck.spot_check_segments`).
 
 The checks of each output family live in :mod:`featcache.checks`; pictures
 (:mod:`featcache.pictures`) go to ``reports/verify/``. Any failed check makes the stage raise
@@ -113,6 +114,7 @@ def verify(shared: SharedParams, params: VerifyParams) -> Report:
     check_point_feats(report, Path(params.point_feats), Path(params.uv_index))
     checked = time.perf_counter()
     run_spot_checks(report, grids, shared, params)
+    run_segment_spot_check(report, Path(params.siglip) / "embeddings.h5", shared, params)
     spotted = time.perf_counter()
     pictures = draw_pictures(params, grids) if params.picture_items else []
     write_report(Path(params.report), report, pictures)
@@ -163,6 +165,29 @@ def run_spot_checks(report: Report, grids: dict[str, list[FeatureStore]], shared
         if cosines:
             check.numbers.update(min_cosine=round(min(cosines), 6),
                                  max_abs_diff=round(max(diffs), 6))
+
+
+def run_segment_spot_check(report: Report, path: Path, shared: SharedParams,
+                           params: VerifyParams) -> None:
+    """``siglip.spot_check``: ``params.spot_check`` random segment embeddings (``seed``)
+    recomputed live from the COCO split their provenance names (packed layout only)."""
+    if params.spot_check == 0 or not path.is_file():
+        return
+    from featcache.spotcheck import spot_check_segments
+
+    check = report("siglip.spot_check")
+    with problems_to(check, path.name):
+        result = spot_check_segments(path, params.spot_check, seed=shared.seed,
+                                     device=shared.device)
+        check.items += len(result.keys) + len(result.errors)
+        for key, reason in result.errors:
+            check.expect(False, f"{key}: {reason}")
+        if result.keys:
+            check.numbers.update(min_cosine=round(result.min_cosine, 6),
+                                 max_abs_diff=round(result.max_abs_diff, 6))
+            check.expect(result.min_cosine >= params.min_cosine,
+                         f"min cosine {result.min_cosine:.6f} < {params.min_cosine} over "
+                         f"{list(result.keys)}")
 
 
 def write_report(path: Path, report: Report, pictures: list[str]) -> None:
