@@ -62,7 +62,7 @@ def main() -> None:
                      writer=args.writer, writer_options=WriterOptions(dtype="fp16"),
                      provenance={"model": "toy"}, fingerprint={"items": args.items, "bad": args.bad},
                      params=params)
-    finish_stage("toy", Path(args.out).parent, [result], params.max_failures)
+    finish_stage("toy", Path(args.out).parent, [result], params)
 
 
 if __name__ == "__main__":

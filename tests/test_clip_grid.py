@@ -281,8 +281,10 @@ def test_repository_params_section_is_valid() -> None:
 DVC_PARAMS = {
     "model": TINY_OPENCLIP, "weights": "random", "device": "cpu", "seed": 0,
     "extract_clip_grid": {"root": "data/raw", "out": "data/features/clip_grid", "num_workers": 0,
+                          "metrics": "metrics/extract_clip_grid.json",
                           "splits": [{"name": "val", "images": "imgs"}]},
     "extract_dinov2": {"root": "data/raw", "out": "data/features/dinov2", "num_workers": 0,
+                       "metrics": "metrics/extract_dinov2.json",
                        "model": TINY_DINOV2, "size": 56,
                        "splits": [{"name": "val", "images": "imgs"}]},
 }

@@ -31,7 +31,7 @@ def test_stage_shape(stage):
     assert stage in spec["params"] and stage in PARAMS  # stage, script and section share a name
     assert set(spec["params"]) - {stage} <= SHARED
     assert "device" not in spec["params"]  # where it runs does not change what it computes
-    for path in spec["outs"] + spec.get("deps", []):
+    for path in spec["outs"] + spec.get("deps", []) + spec.get("metrics", []):
         if not path.startswith(("stages/", "src/")):
             assert path.startswith("${") and path.endswith("}"), f"{path}: write it in params.yaml"
     lines = (ROOT / "stages" / f"{stage}.py").read_text().splitlines()

@@ -206,5 +206,5 @@ def run_edge_maps(params: EdgeParams) -> RunResult:
                      provenance=edge_provenance(params), fingerprint=fingerprint, params=params)
     log.info("%s: %d images, %d written, %d failed", STAGE, result.items, result.records,
              result.failed)
-    finish_stage(STAGE, params.out, [result], params.max_failures)
+    finish_stage(STAGE, params.out, [result], params)
     return result

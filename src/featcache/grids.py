@@ -290,7 +290,7 @@ def run_grid_stage(plan: GridPlan, shared: SharedParams, params: GridParams) -> 
                           params.precision)
     results = [run_split(plan, params, name, folder, paths, compute)
                for name, (folder, paths) in splits.items()]
-    finish_stage(plan.stage, params.out, results, params.max_failures)
+    finish_stage(plan.stage, params.out, results, params)
     return results
 
 

@@ -249,7 +249,7 @@ def sample_point_feats(params: PointFeatsParams) -> RunResult:
     result = run_job(job, None, stage=STAGE, out=params.out, writer="npz",
                      provenance=provenance, fingerprint=fingerprint, params=params)
     log.info("%s: %d frames written, %d failed", STAGE, result.records, result.failed)
-    finish_stage(STAGE, params.out, [result], params.max_failures,
+    finish_stage(STAGE, params.out, [result], params,
                  extra=summarise(Path(params.out)))
     return result
 

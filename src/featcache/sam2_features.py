@@ -222,5 +222,5 @@ def extract_sam2(shared: SharedParams, params: Sam2Params) -> RunResult:
                      params=params, device=device)
     log.info("%s: %d images, %d written, %d failed", STAGE, result.items, result.records,
              result.failed)
-    finish_stage(STAGE, params.out, [result], params.max_failures)
+    finish_stage(STAGE, params.out, [result], params)
     return result

@@ -327,6 +327,6 @@ def extract_siglip(shared: SharedParams, params: SiglipParams) -> RunResult:
     if init_distributed().is_main:  # other ranks hold no assembled counts
         log.info("%s: %d images, %d embeddings, %d images with failures", STAGE,
                  result.items, result.records, result.failed)
-    finish_stage(STAGE, params.out, [result], params.max_failures,
+    finish_stage(STAGE, params.out, [result], params,
                  extra={"embeddings": result.records, "failure_rows": len(result.failures)})
     return result

@@ -242,5 +242,5 @@ def build_uv_index(params: UvIndexParams) -> RunResult:
     metrics = summarise(Path(params.out))
     log.info("%s: %d frames written, %d failed, max re-projection error %.2e px", STAGE,
              result.records, result.failed, metrics["reprojection_max_px"])
-    finish_stage(STAGE, params.out, [result], params.max_failures, extra=metrics)
+    finish_stage(STAGE, params.out, [result], params, extra=metrics)
     return result

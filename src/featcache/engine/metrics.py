@@ -13,7 +13,7 @@ import torch
 
 from featcache.atomic import write_text
 from featcache.config import StageError
-from featcache.engine.types import RunResult
+from featcache.engine.types import EngineParams, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ def peak_memory_mb() -> dict[str, float]:
 
 
 def write_metrics(stage: str, results: Sequence[RunResult], extra: dict[str, Any] | None = None,
-                  metrics_dir: Path = METRICS_DIR) -> Path:
-    """Sum the results into ``metrics/<stage>.json`` (a DVC metric) and return its path."""
+                  path: str | Path = "") -> Path:
+    """Sum the results into ``path`` (default ``metrics/<stage>.json``; a DVC metric) and
+    return it."""
     wall = sum(r.wall_s for r in results)
     done = sum(r.done for r in results)
     metrics: dict[str, Any] = {
@@ -67,7 +68,7 @@ def write_metrics(stage: str, results: Sequence[RunResult], extra: dict[str, Any
         **peak_memory_mb(),
         **(extra or {}),
     }
-    path = metrics_dir / f"{stage}.json"
+    path = Path(path or METRICS_DIR / f"{stage}.json")
     write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -89,15 +90,13 @@ def check_failures(results: Sequence[RunResult], max_failures: float) -> None:
 
 
 def finish_stage(stage: str, out_dir: str | Path, results: Sequence[RunResult],
-                 max_failures: float, extra: dict[str, Any] | None = None) -> None:
-    """Write ``<out_dir>/failures.tsv`` and the metrics, then enforce the failure budget.
-
-    Only rank 0 writes (under torchrun every rank calls this).
-    """
+                 params: EngineParams, extra: dict[str, Any] | None = None) -> None:
+    """Write ``<out_dir>/failures.tsv`` and the metrics (``params.metrics``), then enforce
+    ``params.max_failures``. Only rank 0 writes (under torchrun every rank calls this)."""
     from featcache.engine.distributed import init_distributed, shutdown_distributed
 
     if init_distributed().is_main:
         write_failures(Path(out_dir) / "failures.tsv", results)
-        write_metrics(stage, results, extra)
+        write_metrics(stage, results, extra, params.metrics)
     shutdown_distributed()
-    check_failures(results, max_failures)
+    check_failures(results, params.max_failures)

@@ -17,11 +17,13 @@ class EngineParams:
 
     ``max_failures`` is a count of failed items, or a fraction of all items when < 1; more
     failures than that make the stage exit non-zero (after writing everything it could).
+    ``metrics`` is where the stage's metrics JSON goes (a DVC metric).
     """
 
     batch_size: int = 16
     num_workers: int = 2
     max_failures: float = 0.0
+    metrics: str = ""  # the stage's metrics JSON (params.yaml names it; "" = metrics/<stage>.json)
 
     def method_params(self) -> dict:
         """The params that determine the result, as a plain dict: everything but the engine
