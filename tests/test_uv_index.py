@@ -286,6 +286,24 @@ def test_stage_writes_frames_failures_and_metrics(scannet_root, tmp_path, monkey
         assert npz["uv_idx"].shape == (len(scene_points()), 2)
 
 
+def test_gzip_compression_stores_the_same_arrays_in_smaller_files(scannet_root, tmp_path,
+                                                                 monkeypatch):
+    sizes, arrays = {}, {}
+    for comp in ("none", "gzip"):
+        work = tmp_path / comp
+        work.mkdir()
+        monkeypatch.chdir(work)
+        build_uv_index(make_params(scannet_root, work, max_failures=0.5, compression=comp))
+        frame = work / "uv" / "scene0001_00" / "frame_000001.npz"
+        sizes[comp] = frame.stat().st_size
+        with np.load(frame) as npz:
+            arrays[comp] = {k: npz[k] for k in npz.files}
+    assert sizes["gzip"] < sizes["none"]
+    assert arrays["gzip"].keys() == arrays["none"].keys()
+    for key in arrays["none"]:
+        np.testing.assert_array_equal(arrays["gzip"][key], arrays["none"][key])
+
+
 def test_stage_bad_scannet_path_fails_before_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ParamError, match="build_uv_index.scannet"):

@@ -29,7 +29,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -57,12 +57,14 @@ class GridError(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class PointFeatsParams(EngineParams):
     """The ``sample_point_feats`` section: input folders (uv index npz folder, CLIP grid
-    folder with one ``<scene>.h5`` per scene), the output folder and the PixelShuffle factor."""
+    folder with one ``<scene>.h5`` per scene), the output folder, the PixelShuffle factor and
+    ``compression`` (``gzip`` deflates the NPZ entries)."""
 
     uv_index: str
     clip_grid: str
     out: str
     upscale: int = 2
+    compression: Literal["none", "gzip"] = "none"
 
     def validate(self) -> None:
         super().validate()
@@ -236,7 +238,7 @@ def sample_point_feats(params: PointFeatsParams) -> RunResult:
 
     Raises ``TooManyFailures`` (after writing) when more than ``max_failures`` frames failed.
     """
-    from featcache.engine import file_signature, finish_stage, run_job
+    from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
 
     check_inputs(params)
     job = PointFeatsJob(params)
@@ -247,6 +249,7 @@ def sample_point_feats(params: PointFeatsParams) -> RunResult:
                   "clip_grid": grid_sources(params, items)}
     fingerprint = {"params": method_params(params), "inputs": file_signature(inputs)}
     result = run_job(job, None, stage=STAGE, out=params.out, writer="npz",
+                     writer_options=WriterOptions(compression=params.compression),
                      provenance=provenance, fingerprint=fingerprint, params=params)
     log.info("%s: %d frames written, %d failed", STAGE, result.records, result.failed)
     finish_stage(STAGE, params.out, [result], params,

@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -43,6 +44,7 @@ class UvIndexParams(EngineParams):
     per scene, relative to ``scans/<scene>/`` with ``{scene}`` replaced (``.ply`` or ``.npy``).
     ``frames_per_scene = 0`` takes every frame; otherwise every ``frame_stride``-th frame, the
     first ``frames_per_scene`` of them. ``occlusion_tolerance`` is absolute, in metres.
+    ``compression: gzip`` deflates the NPZ entries (same arrays, smaller files).
     """
 
     scannet: str
@@ -56,6 +58,7 @@ class UvIndexParams(EngineParams):
     depth_scale: float = 1000.0
     occlusion_check: bool = True
     occlusion_tolerance: float = 0.05
+    compression: Literal["none", "gzip"] = "none"
 
     def validate(self) -> None:
         super().validate()
@@ -229,7 +232,7 @@ def build_uv_index(params: UvIndexParams) -> RunResult:
 
     Raises ``TooManyFailures`` (after writing) when more than ``max_failures`` frames failed.
     """
-    from featcache.engine import file_signature, finish_stage, run_job
+    from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
 
     check_inputs(params)
     job = UvIndexJob(params)
@@ -238,6 +241,7 @@ def build_uv_index(params: UvIndexParams) -> RunResult:
     fingerprint = {"params": method_params(params),
                    "inputs": file_signature(job.input_files(items))}
     result = run_job(job, None, stage=STAGE, out=params.out, writer="npz",
+                     writer_options=WriterOptions(compression=params.compression),
                      provenance=provenance, fingerprint=fingerprint, params=params)
     metrics = summarise(Path(params.out))
     log.info("%s: %d frames written, %d failed, max re-projection error %.2e px", STAGE,
