@@ -151,8 +151,7 @@ class EdgeJob:
 
     def load(self, item: str) -> list[Piece | Failure]:
         if item in self.duplicates:
-            return [Failure(item, "duplicate_stem",
-                            f"same stem as {self.duplicates[item]}, which is written instead")]
+            return [Failure.duplicate_stem(item, self.duplicates[item])]
         try:
             fields = compute_image_edges(self.folder / item, self.kernel_size, self.sizes)
         except Sa1bError as e:

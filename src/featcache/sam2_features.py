@@ -96,8 +96,7 @@ class Sam2Job:
     def load(self, item: str) -> list[Piece | Failure]:
         """Decode and preprocess one image: a piece with ``tensor [3, S, S] float32``."""
         if item in self.duplicates:
-            return [Failure(item, "duplicate_stem",
-                            f"same stem as {self.duplicates[item]}, which is written instead")]
+            return [Failure.duplicate_stem(item, self.duplicates[item])]
         try:
             rgb = load_image(self.folder / item).rgb
         except ImageDecodeError as e:

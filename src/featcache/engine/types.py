@@ -74,6 +74,11 @@ class Failure:
     error: str
     message: str
 
+    @classmethod
+    def duplicate_stem(cls, item: str, earlier: str) -> "Failure":
+        """``item`` shares its stem (so its output file name) with ``earlier``, which wins."""
+        return cls(item, "duplicate_stem", f"same stem as {earlier}, which is written instead")
+
 
 class Job(Protocol):
     """A picklable description of the work of one output: paths and params, never a model."""

@@ -121,7 +121,7 @@ class Hdf5Writer(Writer):
         self._file.close()
 
 
-class PackedHdf5Writer(Writer):
+class PackedHdf5Writer(Hdf5Writer):
     """One HDF5 file, one ``(N, ...)`` dataset per field plus ``keys (N,)``; row i is keys[i]."""
 
     name = "hdf5_packed"
@@ -129,7 +129,6 @@ class PackedHdf5Writer(Writer):
     def __init__(self, path: str | Path, *, provenance: Mapping[str, Any],
                  options: WriterOptions = WriterOptions()) -> None:
         super().__init__(path, provenance=provenance, options=options)
-        self._file = _open_h5(self.path, self.provenance)
         self._rows = 0
 
     def _dataset(self, name: str, row_shape: tuple[int, ...], dtype: Any):
@@ -169,7 +168,7 @@ class PackedHdf5Writer(Writer):
         if "keys" not in self._file:
             self._file.create_dataset("keys", shape=(0,), dtype=h5py.string_dtype(),
                                       track_times=False)
-        self._file.close()
+        super().close()
 
 
 class NpyWriter(Writer):
