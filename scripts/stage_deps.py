@@ -9,82 +9,14 @@ folder stands for all of its modules when every one of them is imported).
 
 from __future__ import annotations
 
-import ast
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-PACKAGE = "featcache"
+sys.path.insert(0, str(SRC))
 
-
-def module_file(name: str) -> Path | None:
-    base = SRC / Path(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def module_name(path: Path) -> str:
-    rel = path.relative_to(SRC).with_suffix("")
-    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-    return ".".join(parts)
-
-
-def imported_modules(path: Path) -> set[str]:
-    """featcache modules that ``path`` imports: import statements anywhere (function bodies
-    too) and module names given as strings (``importlib.import_module``)."""
-    tree = ast.parse(path.read_text())
-    is_pkg = path.name == "__init__.py"
-    here = module_name(path) if path.is_relative_to(SRC) else ""
-    found: set[str] = set()
-    for node in _walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) \
-                and node.value.startswith(PACKAGE + "."):
-            found.add(node.value)  # importlib.import_module("featcache.x") by name
-        elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] == PACKAGE}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                pkg = here.split(".") if is_pkg else here.split(".")[:-1]
-                pkg = pkg[: len(pkg) - (node.level - 1)]
-                base = ".".join(pkg + ([base] if base else []))
-            if base.split(".")[0] != PACKAGE:
-                continue
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names if module_file(f"{base}.{a.name}")}
-    return {m for m in found if module_file(m)}
-
-
-def _walk(tree: ast.AST):
-    """ast.walk, skipping module ``__getattr__`` bodies (lazy exports for users, which a stage
-    that does not touch them never imports) and ``if TYPE_CHECKING:`` blocks."""
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
-            continue
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            todo.extend(node.orelse)
-            continue
-        yield node
-        todo.extend(ast.iter_child_nodes(node))
-
-
-def closure(script: Path) -> set[Path]:
-    """Every featcache source file that importing ``script`` can load, parents included."""
-    todo, seen = list(imported_modules(script)), set()
-    while todo:
-        name = todo.pop()
-        parts = name.split(".")
-        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__
-            parent = ".".join(parts[:i])
-            if parent not in seen and module_file(parent):
-                seen.add(parent)
-                todo += sorted(imported_modules(module_file(parent)))
-    return {module_file(m) for m in seen}
+from featcache.engine.code import PACKAGE, closure  # noqa: E402  (the one definition)
 
 
 def stage_deps(stage: str) -> list[str]:

@@ -9,6 +9,11 @@
 Layouts (detected from the path; the HDF5 ``layout`` attribute decides between the two HDF5
 kinds):
 
+- ``shards`` (every stage's default): a folder with ``index.h5`` and ``shards/*.h5`` (see
+  :mod:`featcache.engine.shards`); default field ``grids`` or ``embeddings`` if stored, else
+  an item is the dict of its fields (like ``npz``). Shard files are opened on first read, once
+  per process;
+
 - ``hdf5``: one dataset per key and field named ``{key}_{field}``; default field ``grids``
   (or the only field in the file);
 - ``hdf5_packed``: ``keys (N,)`` plus ``(N, ...)`` datasets, row ``i`` belongs to ``keys[i]``;
@@ -57,6 +62,8 @@ class FeatureStore(Mapping):
         self._file: Any = None
         self._stale: list[Any] = []    # handles inherited through fork: never closed here
         self._names = _h5_names(self.path) if self.layout.startswith("hdf5") else []
+        self._shards: dict[int, Any] = {}   # this process's open shard files (layout shards)
+        self._shard_files: list[str] = []
         self.provenance: dict[str, Any] = self._read_provenance()
         self.field = self._default_field(field)
         self._suffix = self._npz_suffix(suffix) if self.layout == "npz" else ""
@@ -84,6 +91,17 @@ class FeatureStore(Mapping):
                 f"field={self.field!r}, {len(self)} keys)")
 
     # --- handles -------------------------------------------------------------------------
+    def _shard(self, index: int) -> Any:
+        """This process's reader of shard ``index`` (reopened after a fork)."""
+        from featcache.engine.shards import SHARDS_DIR, ShardReader
+
+        if self._pid != os.getpid():
+            self._stale.append(self._shards)  # the parent's handles: never closed here
+            self._shards, self._pid = {}, os.getpid()
+        if index not in self._shards:
+            self._shards[index] = ShardReader(self.path / SHARDS_DIR / self._shard_files[index])
+        return self._shards[index]
+
     def _h5(self) -> Any:
         """This process's read-only h5py handle (reopened after a fork)."""
         import h5py
@@ -96,9 +114,12 @@ class FeatureStore(Mapping):
 
     def close(self) -> None:
         """Close this process's HDF5 handle (reads reopen it)."""
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = None
+        if self._pid == os.getpid():
+            if self._file is not None:
+                self._file.close()
+            for shard in self._shards.values():
+                shard.close()
+        self._file, self._shards = None, {}
 
     def __enter__(self) -> "FeatureStore":
         return self
@@ -107,12 +128,14 @@ class FeatureStore(Mapping):
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_file": None, "_pid": None, "_stale": []}
+        return {**self.__dict__, "_file": None, "_pid": None, "_stale": [], "_shards": {}}
 
     # --- layouts -------------------------------------------------------------------------
     def _read_provenance(self) -> dict[str, Any]:
         if self.layout in ("hdf5", "hdf5_packed"):
             return json.loads(_h5_attr(self.path, "provenance") or "{}")
+        if self.layout == "shards":
+            return json.loads(_h5_attr(self.path / "index.h5", "provenance") or "{}")
         sidecar = self.path / "provenance.json"
         return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
 
@@ -120,6 +143,8 @@ class FeatureStore(Mapping):
         if field is not None or self.layout == "npz":
             return field
         fields = self.fields()
+        if self.layout == "shards":
+            return next((f for f in ("grids", "embeddings") if f in fields), None)
         if self.layout != "npy" and "grids" in fields:
             return "grids"
         if self.layout == "npy" and fields:
@@ -139,6 +164,14 @@ class FeatureStore(Mapping):
             return sorted(n for n in self._names if n != "keys")
         if self.layout == "npy":
             return list(dict.fromkeys(row[1] for row in _read_index(self.path)))
+        if self.layout == "shards":
+            from featcache.engine.shards import SHARDS_DIR, ShardReader
+
+            names = json.loads(_h5_attr(self.path / "index.h5", "shards") or "[]")
+            if not names:
+                return []
+            with ShardReader(self.path / SHARDS_DIR / names[0]) as r:
+                return r.fields()
         return []
 
     def _packed_is_float(self, name: str) -> bool:
@@ -156,6 +189,11 @@ class FeatureStore(Mapping):
             return _packed_rows(self.path, self.field)
         if self.layout == "npy":
             return {k: self.path / f for k, fld, f in _read_index(self.path) if fld == self.field}
+        if self.layout == "shards":
+            from featcache.engine.shards import read_index
+
+            keys, shard, row, self._shard_files, _ = read_index(self.path)
+            return {k: (int(s), int(r)) for k, s, r in zip(keys, shard, row)}
         return {_npz_key(p, self.path, self._suffix): p for p in _npz_files(self.path)}
 
     def _npz_suffix(self, suffix: str | None) -> str:
@@ -174,6 +212,14 @@ class FeatureStore(Mapping):
             return self._h5()[self.field][where]
         if self.layout == "npy":
             return np.load(where, allow_pickle=False)
+        if self.layout == "shards":
+            shard = self._shard(where[0])
+            if self.field is None:
+                return shard.record(where[1])
+            value = shard.read(self.field, where[1])
+            if value is None:
+                raise KeyError(f"{key!r} in {self.path} has no field {self.field!r}")
+            return value
         with np.load(where, allow_pickle=False) as z:
             if self.field is None:
                 return {name: z[name] for name in z.files}
@@ -184,14 +230,14 @@ class FeatureStore(Mapping):
 
 def open_features(path: str | Path, field: str | None = None,
                   suffix: str | None = None) -> FeatureStore:
-    """Open any featcache output (HDF5 file, NPY or NPZ folder) as a read-only mapping
+    """Open any featcache output (sharded folder, HDF5 file, NPY or NPZ folder) as a read-only mapping
     ``key -> np.ndarray`` in the stored dtype; see the module docstring for ``field``/``suffix``.
     Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for an unknown layout."""
     return FeatureStore(path, field=field, suffix=suffix)
 
 
 def detect_layout(path: Path) -> str:
-    """``hdf5`` | ``hdf5_packed`` | ``npy`` | ``npz`` for an output path."""
+    """``shards`` | ``hdf5`` | ``hdf5_packed`` | ``npy`` | ``npz`` for an output path."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such feature file or folder")
     if path.is_file():
@@ -201,6 +247,8 @@ def detect_layout(path: Path) -> str:
         if layout in ("hdf5", "hdf5_packed"):
             return layout
         return "hdf5_packed" if "keys" in _h5_names(path) else "hdf5"
+    if (path / "index.h5").is_file():
+        return "shards"
     if (path / "index.tsv").is_file():
         return "npy"
     if any(_npz_files(path)):
@@ -258,7 +306,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __init__(self, path: str | Path, keys: Sequence[str | int] | None = None,
                  field: str | None = None, dtype: torch.dtype | None = None) -> None:
         self.store = open_features(path, field=field)
-        if self.store.layout == "npz" and self.store.field is None:
+        if self.store.layout in ("npz", "shards") and self.store.field is None:
             raise ValueError(f"{path}: NPZ items hold several arrays; pass field=<name>")
         self.keys = sorted(self.store) if keys is None else [str(k) for k in keys]
         missing = [k for k in self.keys if k not in self.store]

@@ -1,8 +1,8 @@
 """torchrun support: which shard is mine, and a barrier.
 
 Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1``) the engine initialises a process
-group (nccl when CUDA is available, gloo otherwise), rank r computes chunks r, r+N, r+2N, ...
-into the shared scratch area, and rank 0 assembles the output after a barrier. The number of
+group (nccl when CUDA is available, gloo otherwise), rank r computes shards r, r+N, r+2N, ...
+into the shared scratch area, and rank 0 moves them into the output after a barrier. The number of
 processes is never a parameter: it does not change the result.
 """
 
@@ -31,8 +31,17 @@ class DistContext:
         if self.world > 1:
             torch.distributed.barrier()
 
-    def owns(self, chunk: int) -> bool:
-        return chunk % self.world == self.rank
+    def sum_counts(self, results: list) -> None:
+        """Sum ``computed`` and ``reused`` of every rank into each result (every rank works
+        on its own shards; the metrics count them all)."""
+        if self.world <= 1 or not results:
+            return
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        counts = torch.tensor([[r.computed, r.reused] for r in results], dtype=torch.int64,
+                              device=device)
+        torch.distributed.all_reduce(counts)
+        for r, (computed, reused) in zip(results, counts.tolist()):
+            r.computed, r.reused = computed, reused
 
 
 def init_distributed() -> DistContext:

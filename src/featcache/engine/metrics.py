@@ -54,16 +54,17 @@ def write_metrics(stage: str, results: Sequence[RunResult], extra: dict[str, Any
     """Sum the results into ``path`` (default ``metrics/<stage>.json``; a DVC metric) and
     return it."""
     wall = sum(r.wall_s for r in results)
-    done = sum(r.done for r in results)
+    computed = sum(r.computed for r in results)
     metrics: dict[str, Any] = {
         "items": sum(r.items for r in results),
-        "done": done,
-        "resumed": sum(r.resumed for r in results),
+        "computed": computed,
+        "reused": sum(r.reused for r in results),
+        "shards": sum(r.shards for r in results),
         "failed": sum(r.failed for r in results),
         "records": sum(r.records for r in results),
         "wall_s": round(wall, 3),
         "compute_s": round(sum(r.compute_s for r in results), 3),
-        "items_per_s": round(done / wall, 3) if wall > 0 else 0.0,
+        "items_per_s": round(computed / wall, 3) if wall > 0 else 0.0,
         "device": results[0].device if results else "cpu",
         **peak_memory_mb(),
         **(extra or {}),
@@ -95,7 +96,13 @@ def finish_stage(stage: str, out_dir: str | Path, results: Sequence[RunResult],
     ``params.max_failures``. Only rank 0 writes (under torchrun every rank calls this)."""
     from featcache.engine.distributed import init_distributed, shutdown_distributed
 
-    if init_distributed().is_main:
+    ctx = init_distributed()
+    if not all(r.finalized for r in results):
+        log.info("%s: compute-only run (shard range); nothing written to %s", stage, out_dir)
+        shutdown_distributed()
+        return
+    ctx.sum_counts(results)
+    if ctx.is_main:
         write_failures(Path(out_dir) / "failures.tsv", results)
         write_metrics(stage, results, extra, params.metrics)
     shutdown_distributed()

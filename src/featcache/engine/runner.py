@@ -1,20 +1,33 @@
-"""The batched runner: DataLoader workers load, the model computes, a thread writes chunks.
+"""The batched runner: shards planned, found or computed, then moved into the output.
 
-:func:`run_job` turns a :class:`~featcache.engine.types.Job` into one output file or folder.
-Items are grouped in chunks of :data:`CHUNK_ITEMS`; pieces from many items (and chunks) are
-batched together for the model; each finished chunk is saved to the scratch area by a
-background thread so the model never waits on the disk; once every chunk exists the output is
-assembled by a writer into a temporary path and moved into place with ``os.replace``.
+:func:`run_job` turns a :class:`~featcache.engine.types.Job` into one sharded output folder
+(see :mod:`featcache.engine.shards`):
+
+1. every item gets a content signature and an identity (method + code + signature); the items
+   are cut into content-defined shards, each with an identity over its members;
+2. a shard found anywhere (scratch area, the output on disk, DVC's cache) is hard-linked into
+   the scratch area; within a shard that must be rebuilt, members found in an earlier shard are
+   copied from it (no model work); only the rest is loaded and computed;
+3. DataLoader workers load items; the model computes batches that never span a shard, each
+   padded to ``batch_size`` (one shape for every batch); a writer thread writes each finished
+   shard once, in its final format, in the scratch area;
+4. rank 0 moves (renames) the shards into the output, writes its index and the layout's view.
+
+On the CPU the model runs with one intra-op thread: results then depend neither on a row's
+position in its batch nor on its neighbours (measured: with two threads they do), so a member
+computed alone, in another process or in another run has the same bits as in a from-scratch
+run. Scale the CPU out with processes (``torchrun``), not threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,218 +36,345 @@ import torch
 from tqdm import tqdm
 
 from featcache.atomic import atomic_path, remove_stale_temps
+from featcache.engine.code import code_identity
 from featcache.engine.distributed import DistContext, init_distributed
-from featcache.engine.scratch import Scratch, code_version, fingerprint_of
+from featcache.engine.reuse import link_or_copy, previous_shards
+from featcache.engine.scratch import SCRATCH_ROOT, fingerprint_of, safe_name
+from featcache.engine.shards import (SHARDS_DIR, ShardContent, ShardReader, member_identity,
+                                     plan_shards, shard_identity, shard_name, target_items,
+                                     write_index, write_shard)
 from featcache.engine.types import Batch, EngineParams, Failure, Job, Piece, RunResult
-from featcache.engine.writers import WriterOptions, cast, get_writer
+from featcache.engine.views import get_view
+from featcache.engine.writers import WriterOptions, cast, h5_compression
 from featcache.provenance import library_versions
 
 log = logging.getLogger(__name__)
 
-CHUNK_ITEMS = 32
 Compute = Callable[[Batch], dict[str, np.ndarray]]
-Record = tuple[str, dict[str, np.ndarray]]
-
-
-class _ItemDataset(torch.utils.data.Dataset):
-    """Index i -> (chunk, the item's pieces and failures); exceptions become failures."""
-
-    def __init__(self, job: Job, work: list[tuple[int, str]]) -> None:
-        self.job, self.work = job, work
-
-    def __len__(self) -> int:
-        return len(self.work)
-
-    def __getitem__(self, i: int) -> tuple[int, list[Piece | Failure]]:
-        chunk, item = self.work[i]
-        try:
-            return chunk, list(self.job.load(item))
-        except Exception as e:  # one bad item must not stop the run
-            return chunk, [Failure(item, type(e).__name__, str(e) or repr(e))]
+SHARD_RANGE_ENV = "FEATCACHE_SHARDS"   # "k/n": compute every n-th shard from k, then stop
 
 
 def _passthrough(x: Any) -> Any:
     return x
 
 
-def make_batch(pieces: list[Piece]) -> Batch:
-    """Stack the pieces' tensors and gather their arrays, in order. A piece without one of the
-    arrays others have gets ``None`` in that list (optional per-item fields, e.g. alpha masks)."""
+def make_batch(pieces: list[Piece], pad_to: int = 0) -> Batch:
+    """Stack the pieces' tensors and gather their arrays, in order. With ``pad_to`` the
+    inputs get zero rows up to that many (keys and arrays are not padded). A piece without one
+    of the arrays others have gets ``None`` in that list (optional fields, e.g. alpha masks)."""
     tensors = [p.tensor for p in pieces]
-    inputs = torch.stack(tensors) if tensors and tensors[0] is not None else None
+    inputs = None
+    if tensors and tensors[0] is not None:
+        inputs = torch.stack(tensors)
+        if pad_to > len(tensors):
+            pad = inputs.new_zeros((pad_to - len(tensors), *inputs.shape[1:]))
+            inputs = torch.cat([inputs, pad])
     names = list(dict.fromkeys(n for p in pieces for n in p.arrays))
     arrays = {n: [p.arrays.get(n) for p in pieces] for n in names}
     return Batch(keys=[p.key for p in pieces], inputs=inputs, arrays=arrays)
 
 
-class _ChunkBook:
-    """Collects records per chunk and hands finished chunks to the background saver, which
-    casts floating fields to the storage dtype first (the scratch holds what will be stored)."""
+@dataclass
+class _Planned:
+    """One shard of the plan: members, their identities, and where earlier rows are."""
 
-    def __init__(self, scratch: Scratch, sizes: dict[int, int], dtype: str | None) -> None:
-        self.scratch, self.dtype = scratch, dtype
-        self.remaining = dict(sizes)   # items not yet loaded, per chunk
-        self.open_pieces = {c: 0 for c in sizes}
-        self.records: dict[int, list[Record]] = {c: [] for c in sizes}
-        self.failures: dict[int, list[Failure]] = {c: [] for c in sizes}
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-writer")
-        self.pending: list[Future] = []
+    index: int
+    members: list[str]
+    member_ids: list[str]
+    name: str = ""
+    found: dict[int, tuple[Path, int]] = field(default_factory=dict)  # member -> earlier shard
 
-    def flush_ready(self) -> None:
-        for c in [c for c in self.remaining if self.remaining[c] == 0
-                  and self.open_pieces[c] == 0]:
-            records, failures = self.records.pop(c), self.failures.pop(c)
-            del self.remaining[c], self.open_pieces[c]
-            self.pending.append(self.pool.submit(self._save, c, records, failures))
-
-    def _save(self, chunk: int, records: list[Record], failures: list[Failure]) -> None:
-        stored = [(k, {n: cast(v, self.dtype) for n, v in f.items()}) for k, f in records]
-        self.scratch.save(chunk, stored, failures)
-
-    def close(self) -> None:
-        for f in self.pending:
-            f.result()
-        self.pool.shutdown()
+    def __post_init__(self) -> None:
+        self.name = shard_name(shard_identity(self.member_ids))
 
 
-def _compute_into(compute: Compute, taken: list[tuple[int, Piece]], book: _ChunkBook) -> None:
-    """Run ``compute`` on the pieces and file each output record under its chunk.
+class _ItemDataset(torch.utils.data.Dataset):
+    """Index i -> (shard, member, the item's pieces and failures); exceptions -> failures."""
 
-    When a batch fails, its pieces are retried one by one, so that one bad input (a crop the
-    model cannot take, a non-finite output) becomes one failure row, not the end of the run;
-    an error that every piece hits still fails all of them, and ``max_failures`` then fails
-    the stage.
+    def __init__(self, job: Job, work: list[tuple[int, int, str]]) -> None:
+        self.job, self.work = job, work
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def __getitem__(self, i: int) -> tuple[int, int, list[Piece | Failure]]:
+        shard, member, item = self.work[i]
+        try:
+            return shard, member, list(self.job.load(item))
+        except Exception as e:  # one bad item must not stop the run
+            return shard, member, [Failure(item, type(e).__name__, str(e) or repr(e))]
+
+
+class _ShardBuilder:
+    """Collects one shard's computed rows; hands the whole shard to the writer thread."""
+
+    def __init__(self, planned: _Planned) -> None:
+        self.planned = planned
+        self.records: list[tuple[int, str, dict[str, np.ndarray]]] = []
+        self.failures: list[tuple[int, Failure]] = []
+
+
+def _gather(planned: _Planned, built: _ShardBuilder, dtype: str | None) -> ShardContent:
+    """The shard's content in member order: earlier rows read back, computed rows cast to the
+    storage dtype."""
+    records, failures = [], []
+    computed: dict[int, list] = {}
+    for m, key, fields in built.records:
+        computed.setdefault(m, []).append((key, {n: cast(v, dtype) for n, v in fields.items()}))
+    failed: dict[int, list[Failure]] = {}
+    for m, f in built.failures:
+        failed.setdefault(m, []).append(f)
+    readers: dict[Path, ShardReader] = {}
+    try:
+        for m in range(len(planned.members)):
+            if m in planned.found:
+                path, old = planned.found[m]
+                reader = readers.get(path) or readers.setdefault(path, ShardReader(path))
+                rows = list(reader.records_of(old))
+                fails = reader.failures_of(old)
+            else:
+                rows, fails = computed.get(m, []), failed.get(m, [])
+            records += [(m, k, f) for k, f in rows]
+            failures += [(m, f) for f in fails]
+    finally:
+        for r in readers.values():
+            r.close()
+    return ShardContent(planned.members, planned.member_ids, records, failures)
+
+
+def _compute_into(compute: Compute, taken: list[tuple[int, Piece]], built: _ShardBuilder,
+                  pad_to: int) -> None:
+    """Run ``compute`` on the pieces (one shard's) and file each output record.
+
+    When a batch fails, its pieces are retried one by one (each still padded to the batch
+    shape), so that one bad input becomes one failure row, not the end of the run.
     """
     try:
         with torch.inference_mode():
-            out = compute(make_batch([p for _, p in taken]))
+            out = compute(make_batch([p for _, p in taken], pad_to))
     except Exception as e:
         if len(taken) == 1:
-            c, p = taken[0]
-            book.failures[c].append(Failure(p.key, type(e).__name__, str(e) or repr(e)))
-            book.open_pieces[c] -= 1
+            m, p = taken[0]
+            built.failures.append((m, Failure(p.key, type(e).__name__, str(e) or repr(e))))
             return
         log.warning("a batch of %d failed (%s: %s); retrying its pieces one by one",
                     len(taken), type(e).__name__, e)
         for one in taken:
-            _compute_into(compute, [one], book)
+            _compute_into(compute, [one], built, pad_to)
         return
-    for i, (c, p) in enumerate(taken):
-        book.records[c].append((p.key, {k: np.asarray(v[i]) for k, v in out.items()
-                                        if v[i] is not None}))
-        book.open_pieces[c] -= 1
+    for i, (m, p) in enumerate(taken):
+        built.records.append((m, p.key, {k: np.asarray(v[i]) for k, v in out.items()
+                                         if v[i] is not None}))
 
 
-def _compute_chunks(job: Job, compute: Compute | None, work: list[tuple[int, str]],
-                    book: _ChunkBook, params: EngineParams, label: str,
+@contextlib.contextmanager
+def _model_threads(device: torch.device | None, compute: Compute | None) -> Iterator[None]:
+    """One intra-op thread for a model on the CPU (see the module doc), restored after."""
+    if compute is None or (device is not None and device.type != "cpu"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compute_shards(job: Job, compute: Compute | None, todo: list[_Planned], scratch: Path,
+                    params: EngineParams, options: WriterOptions, label: str,
                     result: RunResult) -> None:
+    work = [(i, m, p.members[m]) for i, p in enumerate(todo)
+            for m in range(len(p.members)) if m not in p.found]
+    remaining = {i: sum(1 for w in work if w[0] == i) for i in range(len(todo))}
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    pending: list[Future] = []
+    compression = h5_compression(options)
+
+    def finish(i: int, built: _ShardBuilder) -> None:
+        content = _gather(todo[i], built, options.dtype)
+        result.bytes_written += write_shard(scratch / todo[i].name, content, compression)
+
     loader = torch.utils.data.DataLoader(
         _ItemDataset(job, work), batch_size=None, shuffle=False, collate_fn=_passthrough,
-        num_workers=params.num_workers, pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if params.num_workers else None)
-    queue: deque[tuple[int, Piece]] = deque()
+        num_workers=params.num_workers if work else 0, pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if params.num_workers and work else None)
+    builders = {i: _ShardBuilder(todo[i]) for i in range(len(todo))}
+    queue: list[tuple[int, Piece]] = []
 
-    def run_batch(n: int) -> None:
-        taken = [queue.popleft() for _ in range(n)]
+    def run_batch(shard: int, n: int) -> None:
+        taken, queue[:] = queue[:n], queue[n:]
         t = time.perf_counter()
-        _compute_into(compute, taken, book)
+        _compute_into(compute, taken, builders[shard], params.batch_size)
         result.compute_s += time.perf_counter() - t
 
-    for chunk, results in tqdm(loader, total=len(work), desc=label, unit="item",
-                               mininterval=2.0):
-        for r in results:
-            if isinstance(r, Failure):
-                book.failures[chunk].append(r)
-            elif compute is None:
-                book.records[chunk].append((r.key, r.arrays))
-            else:
-                queue.append((chunk, r))
-                book.open_pieces[chunk] += 1
-        book.remaining[chunk] -= 1
-        result.done += 1
-        while len(queue) >= params.batch_size:
-            run_batch(params.batch_size)
-        book.flush_ready()
-    while queue:
-        run_batch(min(len(queue), params.batch_size))
-    book.flush_ready()
-    book.close()
+    def close(shard: int) -> None:
+        while queue:
+            run_batch(shard, min(len(queue), params.batch_size))
+        pending.append(writer.submit(finish, shard, builders.pop(shard)))
+
+    for i in [i for i, n in remaining.items() if n == 0]:   # everything found earlier
+        close(i)
+    try:
+        for shard, member, loaded in tqdm(loader, total=len(work), desc=label, unit="item",
+                                          mininterval=2.0):
+            built = builders[shard]
+            for r in loaded:
+                if isinstance(r, Failure):
+                    built.failures.append((member, r))
+                elif compute is None:
+                    built.records.append((member, r.key, r.arrays))
+                else:
+                    queue.append((member, r))
+            result.computed += 1
+            remaining[shard] -= 1
+            while len(queue) >= params.batch_size:
+                run_batch(shard, params.batch_size)
+            if remaining[shard] == 0:
+                close(shard)
+    finally:
+        for f in pending:
+            f.result()
+        writer.shutdown()
 
 
-def _assemble(scratch: Scratch, n_chunks: int, out: Path, writer: str,
-              options: WriterOptions, provenance: dict[str, Any]) -> tuple[int, list[Failure]]:
-    writer_cls = get_writer(writer)
-    failures: list[Failure] = []
-    seen: set[str] = set()
-    with atomic_path(out, is_dir=writer_cls.is_dir) as tmp:
-        with writer_cls(tmp, provenance=provenance, options=options) as w:
-            for c in range(n_chunks):
-                records, chunk_failures = scratch.load(c)
-                failures += chunk_failures
-                for key, _ in records:
-                    if key in seen:
-                        raise RuntimeError(f"duplicate output key {key!r} in {out}")
-                    seen.add(key)
-                for group in _same_fields(records):
-                    w.write([k for k, _ in group],
-                            {name: [f[name] for _, f in group] for name in group[0][1]})
-    return len(seen), failures
+def shard_range() -> tuple[int, int] | None:
+    """``(k, n)`` from ``FEATCACHE_SHARDS=k/n`` (compute-only mode), else None."""
+    value = os.environ.get(SHARD_RANGE_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        k, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise ValueError(f"{SHARD_RANGE_ENV}={value!r}: expected k/n, e.g. 3/64") from None
+    if not 0 <= k < n:
+        raise ValueError(f"{SHARD_RANGE_ENV}={value!r}: need 0 <= k < n")
+    return k, n
 
 
-def _same_fields(records: list[Record]) -> list[list[Record]]:
-    """Split records into consecutive runs that carry the same field names."""
-    groups: list[list[Record]] = []
-    for rec in records:
-        if groups and groups[-1][0][1].keys() == rec[1].keys():
-            groups[-1].append(rec)
-        else:
-            groups.append([rec])
-    return groups
+def _owned(n_shards: int, ctx: DistContext, part: tuple[int, int] | None) -> list[int]:
+    k, n = part or (0, 1)
+    return [i for i in range(n_shards) if i % n == k and (i // n) % ctx.world == ctx.rank]
 
 
-def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path, writer: str,
-            writer_options: WriterOptions = WriterOptions(), provenance: dict[str, Any],
-            fingerprint: dict[str, Any], params: EngineParams,
-            device: torch.device | None = None) -> RunResult:
-    """Run ``job`` and write its output to ``out`` (a file, or a folder for folder writers).
+def _earlier_members(paths: list[Path]) -> dict[str, tuple[Path, int]]:
+    """``member identity -> (shard file, member index)`` over earlier shard files."""
+    found: dict[str, tuple[Path, int]] = {}
+    for path in paths:
+        try:
+            with ShardReader(path) as r:
+                for m, mid in enumerate(r.member_ids()):
+                    found.setdefault(mid, (path, m))
+        except (OSError, KeyError) as e:
+            log.warning("ignoring unreadable earlier shard %s: %s", path, e)
+    return found
+
+
+def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path,
+            writer: str = "shards", writer_options: WriterOptions = WriterOptions(),
+            provenance: dict[str, Any], fingerprint: dict[str, Any], params: EngineParams,
+            device: torch.device | None = None, item_bytes: int = 1 << 20,
+            view: str | Path | None = None) -> RunResult:
+    """Run ``job`` into the sharded output folder ``out`` (and the ``writer`` layout's view).
 
     ``compute`` maps a :class:`Batch` to ``{field: array[B, ...]}`` on the CPU (or a list of B
     arrays, ``None`` where an item has no such field); ``None`` instead of a function means the
     pieces' ``arrays`` are the output fields. ``fingerprint`` must hold everything that
-    determines the result (params, weights identity, input signature); the item list, writer
-    settings and featcache's code version are added here. Returns counts for the metrics.
+    determines the result except the items' inputs (params, weights identity); each item's
+    inputs come from ``job.signature(item)``; featcache's code, the storage options and the
+    shard size are added here. ``item_bytes`` estimates the bytes one item stores (it sets the
+    shard size; it must come from params, never from the data). ``view``: where the layout's
+    view goes (default ``out`` + the view's suffix). Returns counts for the metrics.
     """
     t0 = time.perf_counter()
     out = Path(out)
-    get_writer(writer)  # an unknown writer name fails before any work
+    view_writer = get_view(writer)   # an unknown layout fails before any work
+    part = shard_range()
     ctx: DistContext = init_distributed()
     items = job.items()
-    chunks = [items[i:i + CHUNK_ITEMS] for i in range(0, len(items), CHUNK_ITEMS)]
-    fp = fingerprint_of({**fingerprint, "items": items, "chunk_items": CHUNK_ITEMS,
-                         "writer": writer, "options": asdict(writer_options),
-                         "code": code_version()})
-    scratch = Scratch(stage, out, fp)
+    method = fingerprint_of({**fingerprint, "options": asdict(writer_options),
+                             "shard_mb": params.shard_mb, "code": code_identity()})
+    signatures = _signatures(job, items)
+    ids = [member_identity(method, it, signatures[it]) for it in items]
+    cut = plan_shards(items, target_items(params.shard_mb, item_bytes))
+    plan, start = [], 0
+    for i, members in enumerate(cut):
+        plan.append(_Planned(i, members, ids[start:start + len(members)]))
+        start += len(members)
+    scratch = SCRATCH_ROOT / safe_name(stage)
+    scratch.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
-        scratch.prepare()
-        remove_stale_temps(out)
+        _rescue(out, scratch)
     ctx.barrier()
-    mine = [c for c in range(len(chunks)) if ctx.owns(c)]
-    todo = [c for c in mine if not scratch.has(c)]
+    mine = [plan[i] for i in _owned(len(plan), ctx, part)]
+    earlier = previous_shards(out, scratch)
     result = RunResult(output=str(out), items=len(items), device=str(device or "cpu"),
-                       resumed=sum(len(chunks[c]) for c in mine if c not in todo))
-    if result.resumed:
-        log.info("%s: resuming, %d of %d items already done", out, result.resumed, len(items))
-    work = [(c, item) for c in todo for item in chunks[c]]
-    book = _ChunkBook(scratch, {c: len(chunks[c]) for c in todo}, writer_options.dtype)
-    _compute_chunks(job, compute, work, book, params, f"{stage} {out.name}", result)
+                       shards=len(plan))
+    todo = []
+    for p in mine:
+        if p.name in earlier:
+            link_or_copy(earlier[p.name], scratch / p.name)
+            result.reused += len(p.members)
+        else:
+            todo.append(p)
+    if todo:
+        by_id = _earlier_members([path for name, path in sorted(earlier.items())])
+        for p in todo:
+            p.found = {m: by_id[mid] for m, mid in enumerate(p.member_ids) if mid in by_id}
+            result.reused += len(p.found)
+    log.info("%s: %d items in %d shards; %d of mine to build, %d items reused", out,
+             len(items), len(plan), len(todo), result.reused)
+    with _model_threads(device, compute):
+        _compute_shards(job, compute, todo, scratch, params, writer_options,
+                        f"{stage} {out.name}", result)
     ctx.barrier()
-    if ctx.is_main:
+    if part is not None:
+        log.info("%s=%d/%d: computed my shards into %s; run the stage without it (e.g. "
+                 "dvc repro) to move them into %s", SHARD_RANGE_ENV, *part, scratch, out)
+    elif ctx.is_main:
         prov = {**provenance, "stage": stage, "libraries": library_versions(),
-                "code_version": code_version()}
-        result.records, result.failures = _assemble(scratch, len(chunks), out, writer,
-                                                    writer_options, prov)
+                "code_version": code_identity(), "layout": writer,
+                "storage_dtype": writer_options.dtype, "shard_mb": params.shard_mb}
+        result.records, result.failures = _finalize(plan, scratch, out, prov)
         result.failed = len({f.item for f in result.failures})
-        scratch.remove()
+        if view_writer is not None:
+            view_writer(out, Path(view) if view else None, prov, writer_options)
     ctx.barrier()
+    result.finalized = part is None
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+def _rescue(out: Path, scratch: Path) -> None:
+    """Move the shards of an output folder that a killed run was moving into place back into
+    the scratch area, then remove such half-made folders."""
+    for tmp in out.parent.glob(f".{out.name}.*.tmp") if out.parent.is_dir() else []:
+        for shard in (tmp / SHARDS_DIR).glob("*.h5") if tmp.is_dir() else []:
+            os.replace(shard, scratch / shard.name)
+    remove_stale_temps(out)
+
+
+def _signatures(job: Job, items: list[str]) -> dict[str, str]:
+    """Every item's input signature, hashed in threads (hashing releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="signature") as pool:
+        return dict(zip(items, pool.map(job.signature, items)))
+
+
+def _finalize(plan: list[_Planned], scratch: Path, out: Path,
+              provenance: dict[str, Any]) -> tuple[int, list[Failure]]:
+    """Move every shard from the scratch area into a new ``out`` and write its index."""
+    missing = [p.name for p in plan if not (scratch / p.name).is_file()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shards of {out} are not in {scratch} (first: "
+                           f"{missing[0]}): a rank or array task did not finish")
+    shards: list[tuple[str, list[str]]] = []
+    failures: list[Failure] = []
+    with atomic_path(out, is_dir=True) as tmp:
+        (tmp / SHARDS_DIR).mkdir()
+        for p in plan:
+            with ShardReader(scratch / p.name) as r:
+                shards.append((p.name, r.keys()))
+                failures += r.failures()
+            os.replace(scratch / p.name, tmp / SHARDS_DIR / p.name)
+        rows = write_index(tmp, shards, provenance)
+    return rows, failures

@@ -24,6 +24,7 @@ class EngineParams:
     num_workers: int = 2
     max_failures: float = 0.0
     metrics: str = ""  # the stage's metrics JSON (params.yaml names it; "" = metrics/<stage>.json)
+    shard_mb: float = 256.0  # average shard size (see featcache.engine.shards); a cache key
 
     def method_params(self) -> dict:
         """The params that determine the result, as a plain dict: everything but the engine
@@ -36,6 +37,7 @@ class EngineParams:
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require(self.max_failures >= 0, "max_failures",
                 "must be >= 0: a count of items, or a fraction of items when < 1")
+        require(self.shard_mb > 0, "shard_mb", f"must be > 0 (MiB per shard), got {self.shard_mb}")
 
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -89,6 +91,10 @@ class Job(Protocol):
     def load(self, item: str) -> list[Piece | Failure]:
         """Decode and preprocess one item; runs in DataLoader worker processes."""
 
+    def signature(self, item: str) -> str:
+        """What the item's result depends on besides the method: a content signature of the
+        files it reads (``featcache.engine.file_signature``) and any annotation it uses."""
+
 
 @dataclass
 class Batch:
@@ -109,8 +115,11 @@ class RunResult:
 
     output: str
     items: int = 0
-    done: int = 0
-    resumed: int = 0
+    computed: int = 0      # items loaded and computed in this run
+    reused: int = 0        # items whose rows came from an earlier shard (no model work)
+    shards: int = 0
+    bytes_written: int = 0  # feature bytes written into shards by this process
+    finalized: bool = False  # the output was moved into place (not in compute-only mode)
     failed: int = 0
     records: int = 0
     wall_s: float = 0.0

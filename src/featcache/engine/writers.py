@@ -1,4 +1,7 @@
-"""Interchangeable output writers: HDF5 (per key or packed), NPY files + TSV index, NPZ per item.
+"""Per-item writers (NPY files + TSV index, NPZ per item) for the seeds' per-item layouts.
+
+The engine writes shards (:mod:`featcache.engine.shards`); these writers make the per-item
+views of them (:mod:`featcache.engine.views`).
 
 Every writer has the same constructor shape and protocol, is a context manager, and is chosen by
 name from :data:`WRITERS` (:func:`get_writer` raises on an unknown name)::
@@ -26,7 +29,6 @@ from featcache.atomic import save_npz, write_text
 Arrays = Mapping[str, Sequence[np.ndarray] | np.ndarray]
 
 _FLOAT_DTYPES = {"fp16": np.float16, "fp32": np.float32}
-PACKED_CHUNK_BYTES = 256 * 1024  # a chunk of rows for random row reads in training
 
 
 @dataclass(frozen=True)
@@ -77,98 +79,13 @@ class Writer:
         self.close()
 
 
-def _h5_compression(options: WriterOptions) -> dict[str, Any]:
+def h5_compression(options: WriterOptions) -> dict[str, Any]:
+    """h5py keyword arguments of ``options.compression`` (gzip gets the shuffle filter)."""
     if options.compression == "none":
         return {}
     if options.compression == "gzip":
         return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
     return {"compression": "lzf"}
-
-
-def _open_h5(path: Path, provenance: Mapping[str, Any]):
-    import h5py
-
-    f = h5py.File(path, "w", track_order=False)
-    f.attrs["provenance"] = provenance_json(provenance)
-    for key, value in provenance.items():
-        if isinstance(value, (str, int, float, bool)):
-            f.attrs[key] = value
-        elif value is not None:  # nested values as JSON strings, e.g. attrs["preprocessing"]
-            f.attrs[key] = provenance_json(value)
-    return f
-
-
-class Hdf5Writer(Writer):
-    """One HDF5 file, one dataset per key and field, named ``{key}_{field}``."""
-
-    name = "hdf5"
-
-    def __init__(self, path: str | Path, *, provenance: Mapping[str, Any],
-                 options: WriterOptions = WriterOptions()) -> None:
-        super().__init__(path, provenance=provenance, options=options)
-        self._file = _open_h5(self.path, self.provenance)
-
-    def write(self, keys: Sequence[str], arrays: Arrays) -> None:
-        comp = _h5_compression(self.options)
-        for i, key in enumerate(keys):
-            for field, values in arrays.items():
-                data = cast(values[i], self.options.dtype)
-                chunks = data.shape if comp and data.ndim else None
-                self._file.create_dataset(f"{key}_{field}", data=data, track_times=False,
-                                          chunks=chunks, **(comp if data.ndim else {}))
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class PackedHdf5Writer(Hdf5Writer):
-    """One HDF5 file, one ``(N, ...)`` dataset per field plus ``keys (N,)``; row i is keys[i]."""
-
-    name = "hdf5_packed"
-
-    def __init__(self, path: str | Path, *, provenance: Mapping[str, Any],
-                 options: WriterOptions = WriterOptions()) -> None:
-        super().__init__(path, provenance=provenance, options=options)
-        self._rows = 0
-
-    def _dataset(self, name: str, row_shape: tuple[int, ...], dtype: Any):
-        import h5py
-
-        if name in self._file:
-            return self._file[name]
-        row_bytes = max(1, int(np.prod(row_shape)) * np.dtype(dtype).itemsize) \
-            if dtype != h5py.string_dtype() else 64
-        chunk_rows = max(1, min(4096, PACKED_CHUNK_BYTES // row_bytes))
-        return self._file.create_dataset(
-            name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
-            chunks=(chunk_rows, *row_shape), track_times=False, **_h5_compression(self.options))
-
-    def write(self, keys: Sequence[str], arrays: Arrays) -> None:
-        import h5py
-
-        n = len(keys)
-        if n == 0:
-            return
-        columns = {"keys": (np.asarray(list(keys), dtype=object), h5py.string_dtype())}
-        for field, values in arrays.items():
-            data = cast(np.stack([np.asarray(v) for v in values]), self.options.dtype)
-            columns[field] = (data, data.dtype)
-        for name, (data, dtype) in columns.items():
-            ds = self._dataset(name, tuple(data.shape[1:]), dtype)
-            if ds.shape[0] != self._rows:
-                raise ValueError(f"packed field {name!r} is missing rows: every write must "
-                                 "carry the same fields")
-            ds.resize(self._rows + n, axis=0)
-            ds[self._rows:self._rows + n] = data
-        self._rows += n
-
-    def close(self) -> None:
-        import h5py
-
-        if "keys" not in self._file:
-            self._file.create_dataset("keys", shape=(0,), dtype=h5py.string_dtype(),
-                                      track_times=False)
-        super().close()
 
 
 class NpyWriter(Writer):
@@ -226,8 +143,7 @@ class NpzWriter(Writer):
                    json.dumps(self.provenance, sort_keys=True, indent=2, default=str) + "\n")
 
 
-WRITERS: dict[str, type[Writer]] = {
-    w.name: w for w in (Hdf5Writer, PackedHdf5Writer, NpyWriter, NpzWriter)}
+WRITERS: dict[str, type[Writer]] = {w.name: w for w in (NpyWriter, NpzWriter)}
 
 
 def get_writer(name: str) -> type[Writer]:
