@@ -4,7 +4,7 @@
 
 Grids come from the real architecture (random weights) on generated images, so their statistics
 are those of real ViT tokens rather than of random numbers. Prints, per compression, the file
-size relative to `none` and the write throughput, through featcache's own HDF5 writer. This is
+size relative to `none` and the write throughput, through featcache's own shard writer. This is
 where DESIGN.md's default `compression: none` comes from.
 """
 
@@ -35,12 +35,15 @@ def make_grids(model: str, n: int) -> np.ndarray:
 
 
 def write(grids: np.ndarray, path: Path, compression: str) -> float:
-    from featcache.engine.writers import Hdf5Writer, WriterOptions
+    """Write ``grids`` as one shard (the engine's own writer) with ``compression``."""
+    from featcache.engine.shards import ShardContent, write_shard
+    from featcache.engine.writers import WriterOptions, h5_compression
 
     keys = [str(i) for i in range(len(grids))]
+    content = ShardContent(keys, keys, [(i, k, {"grids": g}) for i, (k, g)
+                                        in enumerate(zip(keys, grids))], [])
     t = time.perf_counter()
-    with Hdf5Writer(path, provenance={}, options=WriterOptions("fp16", compression)) as w:
-        w.write(keys, {"grids": grids})
+    write_shard(path, content, h5_compression(WriterOptions("fp16", compression)))
     return time.perf_counter() - t
 
 

@@ -70,7 +70,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     write_split(root / "imgs")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        yield {"fp32": run(root, out="fp32", num_workers=2),
+        yield {"fp32": run(root, out="fp32", num_workers=2, layout="hdf5"),
                "fp16": run(root, out="fp16", dtype="fp16"),
                "grid7": run(root, out="grid7", grid=7, save_global=False),
                "npy": run(root, out="npy", layout="npy", save_meta=True),
@@ -78,6 +78,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
 
 
 def read_h5(path: Path) -> dict[str, np.ndarray]:
+    """Every ``{key}_{field}`` of a grid output: a sharded folder (read through the reader)
+    or an HDF5 file (read the FSGR seed's way, with h5py)."""
+    if path.is_dir():
+        from featcache.reader import open_features
+
+        return {f"{k}_{field}": v for field in open_features(path).fields()
+                for k, v in open_features(path, field=field).items()}
     with h5py.File(path, "r") as f:
         return {k: f[k][()] for k in f}
 
@@ -174,6 +181,9 @@ def test_vit_l14_rejects_grid_7_before_work(tmp_path: Path) -> None:
 
 def test_hdf5_layout_keys_shapes_and_failures(runs: dict[str, Path]) -> None:
     data = read_h5(runs["fp32"] / "val.h5")
+    shards = read_h5(runs["fp32"] / "val")
+    assert set(shards) == set(data)
+    assert all(np.array_equal(shards[k], data[k]) for k in data)   # the view is the shards
     keys = {"139", "285", "cutout", "transparent", "white", "gray"}
     assert set(data) == {f"{k}_grids" for k in keys} | {f"{k}_global" for k in keys}
     assert data["139_grids"].shape == (196, TINY_WIDTH) and data["139_grids"].dtype == np.float32
@@ -196,13 +206,13 @@ def test_hdf5_attributes_and_provenance(runs: dict[str, Path]) -> None:
 
 
 def test_transparent_pixels_are_composited_over_the_background(runs: dict[str, Path]) -> None:
-    data = read_h5(runs["fp32"] / "val.h5")
+    data = read_h5(runs["fp32"] / "val")
     np.testing.assert_allclose(data["transparent_grids"], data["white_grids"], atol=1e-5)
     assert not np.allclose(data["cutout_grids"], data["white_grids"], atol=1e-2)
 
 
 def test_grid_7_is_the_2x2_average_of_the_native_grid(runs: dict[str, Path]) -> None:
-    native, pooled = read_h5(runs["fp32"] / "val.h5"), read_h5(runs["grid7"] / "val.h5")
+    native, pooled = read_h5(runs["fp32"] / "val"), read_h5(runs["grid7"] / "val")
     assert set(pooled) == {k for k in native if k.endswith("_grids")}
     for key, tokens in pooled.items():
         grid = native[key].reshape(7, 2, 7, 2, TINY_WIDTH).mean(axis=(1, 3)).reshape(49, -1)
@@ -211,7 +221,7 @@ def test_grid_7_is_the_2x2_average_of_the_native_grid(runs: dict[str, Path]) -> 
 
 
 def test_fp16_agrees_with_fp32_to_fp16_precision(runs: dict[str, Path]) -> None:
-    full, half = read_h5(runs["fp32"] / "val.h5"), read_h5(runs["fp16"] / "val.h5")
+    full, half = read_h5(runs["fp32"] / "val"), read_h5(runs["fp16"] / "val")
     assert set(full) == set(half)
     for key, value in full.items():
         assert half[key].dtype == np.float16
@@ -220,7 +230,7 @@ def test_fp16_agrees_with_fp32_to_fp16_precision(runs: dict[str, Path]) -> None:
 
 
 def test_npy_layout_masks_and_meta(runs: dict[str, Path]) -> None:
-    folder, tokens = runs["npy"] / "val", read_h5(runs["fp32"] / "val.h5")
+    folder, tokens = runs["npy"] / "val", read_h5(runs["fp32"] / "val")
     grid = np.load(folder / "000000000139.npy")
     assert grid.shape == (TINY_WIDTH, 14, 14)
     np.testing.assert_allclose(grid, tokens["139_grids"].reshape(14, 14, -1).transpose(2, 0, 1),
@@ -245,7 +255,7 @@ def test_npy_layout_masks_and_meta(runs: dict[str, Path]) -> None:
 @pytest.mark.parametrize("key, value, match", [
     ("splits", [], "splits: must list"), ("grid", -1, "grid: must be 0"),
     ("background", [0, 0, 300], "background"), ("layout", "zarr", "layout"),
-    ("compression", "gzip", "compression: applies to the hdf5 layout"),
+    ("compression", "gzip", "compression: applies to the shards and hdf5 layouts"),
     ("save_meta", True, "save_meta: per-image JSON")])
 def test_bad_params_name_the_key(tmp_path: Path, key: str, value: object, match: str) -> None:
     overrides = {key: value, "layout": "npy"} if key == "compression" else {key: value}
@@ -279,17 +289,18 @@ def test_repository_params_section_is_valid() -> None:
 # --- real dvc: `dvc exp run -S model=...` ------------------------------------------------------
 
 DVC_PARAMS = {
-    "model": TINY_OPENCLIP, "weights": "random", "device": "cpu", "seed": 0,
-    "extract_clip_grid": {"root": "data/raw", "out": "data/features/clip_grid", "num_workers": 0,
+    "model": TINY_OPENCLIP, "weights": "random", "seed": 0,
+    "runtime": {"device": "cpu", "num_workers": 0},
+    "extract_clip_grid": {"root": "data/raw", "out": "data/features/clip_grid",
                           "metrics": "metrics/extract_clip_grid.json",
                           "splits": [{"name": "val", "images": "imgs"}]},
-    "extract_dinov2": {"root": "data/raw", "out": "data/features/dinov2", "num_workers": 0,
+    "extract_dinov2": {"root": "data/raw", "out": "data/features/dinov2",
                        "metrics": "metrics/extract_dinov2.json",
                        "model": TINY_DINOV2, "size": 56,
                        "splits": [{"name": "val", "images": "imgs"}]},
 }
 SUMMARIZE = """import json, featcache
-grids = featcache.open_features("data/features/clip_grid/val.h5")
+grids = featcache.open_features("data/features/clip_grid/val")
 json.dump({k: list(grids[k].shape) for k in grids}, open("summary.json", "w"))
 """
 
@@ -336,7 +347,12 @@ def ran_stages(log: str) -> set[str]:
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """Of a file, or of a folder's files (names and bytes)."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
 
 
 @pytest.mark.slow
@@ -344,7 +360,7 @@ def test_dvc_exp_run_switches_model_and_back_from_the_run_cache(tmp_path: Path) 
     from featcache.encoders import TINY_SIGLIP
 
     repo = dvc_repo(tmp_path / "repo")
-    h5 = repo / "data" / "features" / "clip_grid" / "val.h5"
+    h5 = repo / "data" / "features" / "clip_grid" / "val"
     first = dvc_sh(["dvc", "repro"], repo)
     assert ran_stages(first) == {"extract_clip_grid", "extract_dinov2", "summarize"}, first
     baseline, summary = sha256(h5), json.loads((repo / "summary.json").read_text())

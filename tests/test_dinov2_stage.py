@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import featcache
 from featcache.config import ParamError, SharedParams, build_dataclass, load_stage_params
 from featcache.dinov2 import STAGE, Dinov2Params, extract_dinov2, plan_dinov2
 from featcache.encoders import TINY_DINOV2, Preprocessor, load_encoder
@@ -49,12 +50,15 @@ def split_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_hdf5_grids_equal_the_upstream_last_hidden_state(split_root: Path) -> None:
-    params = make_params(split_root, num_workers=2)
+    params = make_params(split_root, num_workers=2, layout="hdf5")
     extract_dinov2(SHARED, params)
-    with h5py.File(split_root / "out" / "val.h5", "r") as f:
+    with h5py.File(split_root / "out" / "val.h5", "r") as f:   # the seed's way, on the view
         data = {k: f[k][()] for k in f}
         assert f.attrs["model"] == TINY_DINOV2 and f.attrs["grid"] == 4
     assert set(data) == {"632_grids", "724_grids", "cutout_grids"}
+    shards = featcache.open_features(split_root / "out" / "val")
+    assert shards.provenance["model"] == TINY_DINOV2 and sorted(shards) == ["632", "724", "cutout"]
+    assert np.array_equal(shards["632"], data["632_grids"])
     assert data["632_grids"].shape == (TINY_HIDDEN, 4, 4)
     plan = plan_dinov2(SHARED, params)
     encoder = load_encoder(plan.spec, "cpu")

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import featcache
 from featcache.config import ParamError, SharedParams, build_dataclass
 from featcache.encoders import TINY_SIGLIP, Preprocessor, register_tiny_models, resolve_spec
 from featcache.engine import Batch, Failure, Piece, TooManyFailures
@@ -100,9 +101,10 @@ def run_extract(tmp_path: Path, coco: Path, weights: str, **kw):
 
 @pytest.fixture(scope="module")
 def hdf5_run(tmp_path_factory, edge_split, tiny_model):
-    """The default layout on the edge-case split, with the checkpoint's weights."""
+    """The hdf5 layout (shards + the packed view) on the edge-case split, with the
+    checkpoint's weights."""
     work = tmp_path_factory.mktemp("hdf5_run")
-    _, result = run_extract(work, edge_split[0], str(tiny_model[1]))
+    _, result = run_extract(work, edge_split[0], str(tiny_model[1]), layout="hdf5")
     return work / "out", result
 
 
@@ -232,6 +234,24 @@ def test_hdf5_layout_end_to_end(hdf5_run, edge_split):
     assert sorted((r[1], r[2]) for r in read_tsv(out / "failures.tsv")[1:]) == \
         sorted(expected["failures"])
     assert result.failed == 3  # images 3 (one segment), 4 and 5
+    store = featcache.open_features(out)   # the shards hold the same rows as the view
+    assert list(store) == keys and np.array_equal(np.stack([store[k] for k in keys]), emb)
+
+
+def test_shards_layout_index_points_into_the_shards(tmp_path, edge_split, tiny_model, hdf5_run):
+    from featcache.engine.shards import ShardReader
+
+    run_extract(tmp_path, edge_split[0], str(tiny_model[1]))
+    out = tmp_path / "out"
+    assert not (out / "embeddings.h5").exists() and (out / "index.h5").is_file()
+    rows = read_tsv(out / "inst2feat.tsv")[1:]
+    assert [f"{r[0]}_{r[1]}" for r in rows] == edge_split[1]["keys"]
+    packed = featcache.open_features(hdf5_run[0] / "embeddings.h5")
+    for image, segment, feat_file in rows:
+        shard, row = feat_file.split("#")
+        with ShardReader(out / shard) as r:
+            np.testing.assert_array_equal(r.read("embeddings", int(row)),
+                                          packed[f"{image}_{segment}"])
 
 
 def test_one_crop_equals_open_clip_transform_and_encode_image(hdf5_run, edge_split, tiny_model):
@@ -364,9 +384,11 @@ def test_spot_check_recomputes_segments_and_catches_a_tampered_one(hdf5_run, tmp
     out, _ = hdf5_run
     good = spot_check_segments(out / "embeddings.h5", n=3)
     assert len(good.keys) == 3 and good.passed(0.999), good
-    bad = tmp_path / "embeddings.h5"
-    shutil.copy(out / "embeddings.h5", bad)
-    with h5py.File(bad, "r+") as f:
-        f["embeddings"][:] = f["embeddings"][()][::-1]  # every row now belongs to another segment
-    tampered = spot_check_segments(bad, n=3)
+    assert spot_check_segments(out, n=3).min_cosine == good.min_cosine   # shards: the same
+    bad = tmp_path / "out"
+    shutil.copytree(out, bad)
+    for shard in (bad / "shards").glob("*.h5"):
+        with h5py.File(shard, "r+") as f:   # every row now belongs to another segment
+            f["embeddings"][:] = f["embeddings"][()][::-1]
+    tampered = spot_check_segments(bad / "embeddings.h5", n=3)
     assert tampered.keys == good.keys and not tampered.passed(0.999)

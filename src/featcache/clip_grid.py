@@ -5,10 +5,12 @@ top-level ``weights`` and ``seed``. Per image: the tokens of the last block afte
 final norm, CLS (and any register tokens) excluded, NOT projected (width = transformer width:
 768 for ViT-B-16, 1024 for ViT-L-14), optionally average-pooled to ``grid x grid``.
 
-Output per split (layout ``hdf5``, the default): ``<out>/<split>.h5`` with, per image,
-``{image_id}_grids`` ``(t*t, width)`` (``(196, 768)`` for ViT-B-16 at 224, ``(49, 768)`` with
-``grid: 7``) and, with ``save_global``, ``{image_id}_global`` ``(embed_dim,)`` (the model's
-``encode_image`` embedding, unnormalised). Layout ``npy`` (seed 004): ``<out>/<split>/<stem>.npy``
+Output per split: the sharded folder ``<out>/<split>/`` (layout ``shards``, the default) with,
+per image key ``{image_id}``, the field ``grids`` ``(t*t, width)`` (``(196, 768)`` for ViT-B-16
+at 224, ``(49, 768)`` with ``grid: 7``) and, with ``save_global``, ``global`` ``(embed_dim,)``
+(the model's ``encode_image`` embedding, unnormalised). Layout ``hdf5`` adds the FSGR seed's
+file ``<out>/<split>.h5`` with ``{image_id}_grids`` / ``{image_id}_global`` datasets (virtual:
+views of the shards, no copy). Layout ``npy`` (seed 004) adds ``<out>/<split>/<stem>.npy``
 ``(width, t, t)``, ``<stem>_mask.npy`` ``(t, t)``, ``<stem>_global.npy``, ``<stem>.json`` with
 ``save_meta``. Keys, pooling, alpha handling: :mod:`featcache.grids`.
 """
@@ -46,7 +48,7 @@ def plan_clip_grid(shared: SharedParams, params: ClipGridParams) -> GridPlan:
 
     spec = resolve_spec("open_clip", shared.model, weights=shared.weights, seed=shared.seed)
     grid = check_target_grid(spec.grid_size, params.grid, key=f"{STAGE}.grid")
-    layout = "tokens" if params.layout == "hdf5" else "chw"
+    layout = "chw" if params.layout == "npy" else "tokens"
     return GridPlan(STAGE, spec, grid, layout, save_global=params.save_global)
 
 

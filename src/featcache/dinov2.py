@@ -5,9 +5,10 @@
 (short side to ``size``, bicubic), centre-cropped to ``size x size`` and normalised with the
 ImageNet mean/std; ``size`` must be a multiple of 14, and g = size / 14 (16 at 224).
 
-Per image: ``(hidden, g, g)`` in both layouts (hidden 384/768/1024/1536 for
+Per image: ``(hidden, g, g)`` in every layout (hidden 384/768/1024/1536 for
 small/base/large/giant), CLS and register tokens excluded, after the final layernorm.
-Layout ``hdf5``: ``<out>/<split>.h5`` with ``{image_id}_grids``; layout ``npy``:
+Layout ``shards`` (default): the sharded folder ``<out>/<split>/``, field ``grids`` per image
+key; ``hdf5`` adds the view file ``<out>/<split>.h5`` with ``{image_id}_grids``; ``npy`` adds
 ``<out>/<split>/<stem>.npy`` plus ``<stem>_mask.npy`` ``(g, g)`` and, with ``save_meta``,
 ``<stem>.json``. Keys and alpha handling: :mod:`featcache.grids`.
 """

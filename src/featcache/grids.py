@@ -7,7 +7,7 @@ alpha mask, grid pooling and the run loop; the stage modules only resolve their 
 
 Conventions:
 
-- **Image keys.** ``image_id`` rule (HDF5 layout): a COCO file name (``000000000139.jpg`` or
+- **Image keys.** ``image_id`` rule (shards and HDF5 layouts): a COCO file name (``000000000139.jpg`` or
   ``COCO_val2014_000000000139.jpg``) or any all-digit stem (ScanNet frame ``3.jpg``) gives the
   integer without zero padding (``"139"``, ``"3"``), as the seed's reader expects
   (``f'{image_id}_grids'``); any other file gives its stem. ``stem`` rule (NPY layout): the stem.
@@ -56,8 +56,8 @@ _SAFE_SPLIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 @dataclass(frozen=True, kw_only=True)
 class SplitSpec:
-    """One split: ``name`` (output file ``<out>/<name>.h5`` or folder ``<out>/<name>/``) and
-    ``images``, its image folder relative to the stage's ``root``."""
+    """One split: ``name`` (output folder ``<out>/<name>/``, plus ``<out>/<name>.h5`` with the
+    hdf5 layout) and ``images``, its image folder relative to the stage's ``root``."""
 
     name: str
     images: str
@@ -70,7 +70,7 @@ class GridParams(ModelParams):
     root: str
     out: str
     splits: list[SplitSpec]
-    layout: Literal["hdf5", "npy"] = "hdf5"
+    layout: Literal["shards", "hdf5", "npy"] = "shards"
     dtype: Literal["fp16", "fp32"] = "fp16"
     compression: Literal["none", "lzf", "gzip"] = "none"
     save_meta: bool = False
@@ -88,11 +88,12 @@ class GridParams(ModelParams):
                     f"{s.name!r} must be a file name (letters, digits, . _ -)")
         require(len(self.background) == 3 and all(0 <= c <= 255 for c in self.background),
                 "background", f"must be [r, g, b] in 0..255, got {list(self.background)}")
-        require(self.compression == "none" or self.layout == "hdf5", "compression",
-                "applies to the hdf5 layout only; the npy layout writes plain .npy files")
+        require(self.compression == "none" or self.layout != "npy", "compression",
+                "applies to the shards and hdf5 layouts; the npy layout writes plain .npy "
+                "files")
         require(not self.save_meta or self.layout == "npy", "save_meta",
-                "per-image JSON is written by the npy layout only; the HDF5 layout keeps its "
-                "metadata in file attributes")
+                "per-image JSON is written by the npy layout only; the other layouts keep "
+                "their metadata in the index's provenance")
 
 
 def image_key(name: str, rule: KeyRule) -> str:
@@ -200,6 +201,11 @@ class GridJob:
     def items(self) -> list[str]:
         return list(self.names)
 
+    def signature(self, item: str) -> str:
+        from featcache.engine import file_signature
+
+        return file_signature([self.folder / item], extra=self.keys[item])
+
     def load(self, item: str) -> list[Piece | Failure]:
         from featcache.images import ImageDecodeError, composite_alpha, load_image
 
@@ -259,6 +265,19 @@ class GridCompute:
             result["mask"] = batch.arrays["mask"]
         return result
 
+    def item_bytes(self, dtype: str) -> int:
+        """Bytes one image stores (grid, pooled embedding), from one forward of a blank
+        input: the shard size depends on the model, never on the data."""
+        import torch
+
+        h, w = self.encoder.spec.input_size
+        blank = torch.zeros(1, 3, h, w, device=self.device)
+        with torch.inference_mode():
+            out = self.encoder(blank)
+        grid = arrange_grid(out.grid.float(), self.target, self.array_layout)
+        values = grid.numel() + (out.pooled.numel() if self.save_global else 0)
+        return values * (2 if dtype == "fp16" else 4)
+
 
 @dataclass(frozen=True)
 class GridPlan:
@@ -298,24 +317,24 @@ def run_split(plan: GridPlan, params: GridParams, split: str, folder: Path, path
               compute: GridCompute) -> RunResult:
     """Run the engine on one split folder and write its output (see :func:`run_grid_stage`)."""
     from featcache.encoders import Preprocessor
-    from featcache.engine import WriterOptions, file_signature, run_job
+    from featcache.engine import WriterOptions, run_job
     from featcache.engine.distributed import init_distributed
 
     npy = params.layout == "npy"
     rule: KeyRule = "stem" if npy else "image_id"
     job = build_grid_job(folder, paths, rule, Preprocessor(plan.spec), params.background,
                          plan.grid if npy else None)
-    out = Path(params.out) / (split if npy else f"{split}.h5")
+    out = Path(params.out) / split
     prov = grid_provenance(plan, params, split, folder, rule, compute.encoder)
     result = run_job(job, compute, stage=plan.stage, out=out, writer=params.layout,
                      writer_options=WriterOptions(dtype=params.dtype,
                                                   compression=params.compression),
-                     provenance=prov, fingerprint={"provenance": prov,
-                                                   "inputs": file_signature(paths)},
-                     params=params, device=compute.device)
-    log.info("%s %s: %d images, %d written, %d failed", plan.stage, split, result.items,
-             result.records, result.failed)
-    if params.save_meta and init_distributed().is_main:
+                     provenance=prov, fingerprint={"provenance": prov}, params=params,
+                     device=compute.device, item_bytes=compute.item_bytes(params.dtype))
+    log.info("%s %s: %d images, %d computed, %d reused, %d written, %d failed", plan.stage,
+             split, result.items, result.computed, result.reused, result.records,
+             result.failed)
+    if params.save_meta and result.finalized and init_distributed().is_main:
         write_meta_files(out, job, prov)
     return result
 

@@ -55,9 +55,9 @@ class FeatureStore(Mapping):
     """Read-only ``key -> np.ndarray`` (or ``dict`` for whole NPZ items); see the module doc."""
 
     def __init__(self, path: str | Path, field: str | None = None,
-                 suffix: str | None = None) -> None:
+                 suffix: str | None = None, layout: str | None = None) -> None:
         self.path = Path(path)
-        self.layout = detect_layout(self.path)
+        self.layout = layout or detect_layout(self.path)
         self._pid: int | None = None
         self._file: Any = None
         self._stale: list[Any] = []    # handles inherited through fork: never closed here
@@ -229,11 +229,13 @@ class FeatureStore(Mapping):
 
 
 def open_features(path: str | Path, field: str | None = None,
-                  suffix: str | None = None) -> FeatureStore:
-    """Open any featcache output (sharded folder, HDF5 file, NPY or NPZ folder) as a read-only mapping
-    ``key -> np.ndarray`` in the stored dtype; see the module docstring for ``field``/``suffix``.
-    Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for an unknown layout."""
-    return FeatureStore(path, field=field, suffix=suffix)
+                  suffix: str | None = None, layout: str | None = None) -> FeatureStore:
+    """Open any featcache output (sharded folder, HDF5 file, NPY or NPZ folder) as a read-only
+    mapping ``key -> np.ndarray`` in the stored dtype; see the module docstring for
+    ``field``/``suffix``. ``layout`` reads a sharded folder's per-item files (``npy``/``npz``)
+    instead of its shards. Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for
+    an unknown layout."""
+    return FeatureStore(path, field=field, suffix=suffix, layout=layout)
 
 
 def detect_layout(path: Path) -> str:

@@ -14,11 +14,14 @@ output (``encode_image``), L2-normalised, stored as fp16 ``(D,)``, D = the model
 Outputs in ``out`` (keys ``<image_id:012d>_<segment_id>``, rows in JSON order of images and
 segments):
 
-- ``layout: hdf5``: ``embeddings.h5`` (``embeddings (N, D) float16``, ``image_id (N,) int64``,
-  ``segment_id (N,) int64``, ``iscrowd (N,) uint8``, ``keys (N,)``) and ``inst2feat.tsv`` whose
-  ``feat_file`` is ``embeddings.h5#<row>``;
-- ``layout: npy``: ``<key>.npy`` ``(D,) float16`` per segment, the engine's ``index.tsv`` and
-  ``inst2feat.tsv`` whose ``feat_file`` is ``<key>.npy`` (the seed's layout);
+- ``layout: shards`` (default): the sharded folder (``index.h5``, ``shards/*.h5``) with fields
+  ``embeddings (D,) float16``, ``image_id`` and ``segment_id`` (int64), ``iscrowd`` (uint8), and
+  ``inst2feat.tsv`` whose ``feat_file`` is ``shards/<shard>.h5#<row>``;
+- ``layout: hdf5``: also ``embeddings.h5``, a packed view of the shards (``embeddings (N, D)``,
+  ``image_id (N,)``, ``segment_id (N,)``, ``iscrowd (N,)``, ``keys (N,)``; HDF5 virtual datasets,
+  no copy) and ``inst2feat.tsv`` whose ``feat_file`` is ``embeddings.h5#<row>``;
+- ``layout: npy``: also ``<key>.npy`` ``(D,) float16`` per segment, the engine's ``index.tsv``
+  and ``inst2feat.tsv`` whose ``feat_file`` is ``<key>.npy`` (the seed's layout);
 - ``failures.tsv``: one row per image or segment that gave no embedding.
 """
 
@@ -48,6 +51,7 @@ STAGE = "extract_siglip"
 H5_NAME = "embeddings.h5"
 INDEX_NAME = "inst2feat.tsv"
 INDEX_HEADER = "image_id\tsegment_id\tfeat_file"
+SEGMENTS_PER_IMAGE = 8   # COCO panoptic averages about 7 segments an image: sizes the shards
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1: pixel columns/rows, end exclusive
 
 
@@ -68,7 +72,7 @@ class SiglipParams(ModelParams):
     pad_ratio: float = 0.1
     fill: tuple[int, ...] = (124, 116, 104)
     min_crop: int = 32
-    layout: Literal["hdf5", "npy"] = "hdf5"
+    layout: Literal["shards", "hdf5", "npy"] = "shards"
 
     def validate(self) -> None:
         super().validate()
@@ -155,6 +159,17 @@ class SiglipJob:
     def items(self) -> list[str]:
         return [e.item for e in self.split.entries]
 
+    def signature(self, item: str) -> str:
+        """The image, its panoptic PNG and its annotation (segments, ids, boxes) as parsed."""
+        from featcache.engine import file_signature
+
+        entry = self._entries[item]
+        if entry.image is None:
+            return file_signature([self.split.json_path], extra=f"{item}\t{entry.error}")
+        return file_signature([self.split.image_dir / entry.image.image_file,
+                               self.split.png_dir / entry.image.png_file],
+                              extra=repr(entry.image))
+
     def load(self, item: str) -> list[Piece | Failure]:
         entry: PanopticEntry = self._entries[item]
         if entry.error is not None:
@@ -183,21 +198,12 @@ class SiglipJob:
                                            "iscrowd": np.uint8(seg.iscrowd)}))
         return out
 
-    def input_files(self) -> list[Path]:
-        """Every file the job reads, for the resume fingerprint."""
-        files = [self.split.json_path]
-        for e in self.split.entries:
-            if e.image is not None:
-                files += [self.split.png_dir / e.image.png_file,
-                          self.split.image_dir / e.image.image_file]
-        return files
-
 
 class SiglipCompute:
     """``Batch -> {"embeddings": float32 [B, D] unit-norm, + the id fields}`` on the CPU.
 
     ``with_ids`` adds ``image_id``/``segment_id`` ``int64 [B]`` and ``iscrowd`` ``uint8 [B]``
-    (the packed HDF5 layout); the npy layout stores the embedding alone.
+    (the shards and hdf5 layouts); the npy layout stores the embedding alone.
     """
 
     def __init__(self, encoder: Encoder, device: torch.device, with_ids: bool = True,
@@ -224,15 +230,25 @@ class SiglipCompute:
                         for name in ("image_id", "segment_id", "iscrowd")})
         return out
 
+    def item_bytes(self) -> int:
+        """Bytes one image stores: ``SEGMENTS_PER_IMAGE`` fp16 embeddings plus their ids (the
+        embedding size from one forward of a blank input: from the model, not the data)."""
+        import torch
+
+        h, w = self.encoder.spec.input_size
+        with torch.inference_mode():
+            pooled = self.encoder(torch.zeros(1, 3, h, w, device=self.device)).pooled
+        return SEGMENTS_PER_IMAGE * (pooled.shape[-1] * 2 + 17)
+
 
 def write_index(out: Path, layout: str) -> int:
-    """Write ``<out>/inst2feat.tsv`` from the assembled output; returns its number of rows."""
-    if layout == "hdf5":
-        import h5py
+    """Write ``<out>/inst2feat.tsv`` from the output's index; returns its number of rows."""
+    from featcache.engine.shards import SHARDS_DIR, read_index
 
-        with h5py.File(out / H5_NAME, "r") as f:
-            keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][:]]
-        files = [f"{H5_NAME}#{row}" for row in range(len(keys))]
+    if layout in ("shards", "hdf5"):
+        keys, shard, row, names, _ = read_index(out)
+        files = ([f"{H5_NAME}#{r}" for r in range(len(keys))] if layout == "hdf5" else
+                 [f"{SHARDS_DIR}/{names[s]}#{r}" for s, r in zip(shard, row)])
     else:  # the npy writer's index.tsv: key, field, file
         cells = [ln.split("\t") for ln in
                  (out / "index.tsv").read_text(encoding="utf-8").splitlines()[1:]]
@@ -289,12 +305,12 @@ def run_siglip(job: SiglipJob, compute: SiglipCompute, params: SiglipParams,
     from featcache.engine.distributed import init_distributed
 
     out = Path(params.out)
-    hdf5 = params.layout == "hdf5"
-    result = run_job(job, compute, stage=STAGE, out=out / H5_NAME if hdf5 else out,
-                     writer="hdf5_packed" if hdf5 else "npy",
+    result = run_job(job, compute, stage=STAGE, out=out,
+                     writer="hdf5_packed" if params.layout == "hdf5" else params.layout,
                      writer_options=WriterOptions(dtype="fp16"), provenance=provenance,
-                     fingerprint=fingerprint, params=params, device=compute.device)
-    if init_distributed().is_main:
+                     fingerprint=fingerprint, params=params, device=compute.device,
+                     item_bytes=compute.item_bytes(), view=out / H5_NAME)
+    if result.finalized and init_distributed().is_main:
         rows = write_index(out, params.layout)
         if rows != result.records:
             raise RuntimeError(f"{INDEX_NAME} has {rows} rows for {result.records} embeddings")
@@ -310,7 +326,7 @@ def extract_siglip(shared: SharedParams, params: SiglipParams) -> RunResult:
     ``TooManyFailures`` when more than ``max_failures`` images failed.
     """
     from featcache.encoders import load_encoder, resolve_device, resolve_spec
-    from featcache.engine import file_signature, finish_stage
+    from featcache.engine import finish_stage
     from featcache.engine.distributed import init_distributed, rank_device
 
     spec = resolve_spec("open_clip", params.model, weights=shared.weights, seed=shared.seed,
@@ -318,11 +334,10 @@ def extract_siglip(shared: SharedParams, params: SiglipParams) -> RunResult:
     device = rank_device(resolve_device(shared.device), init_distributed())
     job = build_siglip_job(params, spec)
     encoder = load_encoder(spec, device)
-    compute = SiglipCompute(encoder, device, with_ids=params.layout == "hdf5",
+    compute = SiglipCompute(encoder, device, with_ids=params.layout != "npy",
                             precision=params.precision)
     fingerprint = {"params": method_params(params), "spec": spec.to_dict(),
-                   "weights_id": encoder.weights_id,
-                   "inputs": file_signature(job.input_files())}
+                   "weights_id": encoder.weights_id}
     result = run_siglip(job, compute, params, siglip_provenance(params, encoder), fingerprint)
     if init_distributed().is_main:  # other ranks hold no assembled counts
         log.info("%s: %d images, %d embeddings, %d images with failures", STAGE,

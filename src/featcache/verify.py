@@ -114,7 +114,7 @@ def verify(shared: SharedParams, params: VerifyParams) -> Report:
     check_point_feats(report, Path(params.point_feats), Path(params.uv_index))
     checked = time.perf_counter()
     run_spot_checks(report, grids, shared, params)
-    run_segment_spot_check(report, Path(params.siglip) / "embeddings.h5", shared, params)
+    run_segment_spot_check(report, Path(params.siglip), shared, params)
     spotted = time.perf_counter()
     pictures = draw_pictures(params, grids) if params.picture_items else []
     write_report(Path(params.report), report, pictures)
@@ -170,8 +170,8 @@ def run_spot_checks(report: Report, grids: dict[str, list[FeatureStore]], shared
 def run_segment_spot_check(report: Report, path: Path, shared: SharedParams,
                            params: VerifyParams) -> None:
     """``siglip.spot_check``: ``params.spot_check`` random segment embeddings (``seed``)
-    recomputed live from the COCO split their provenance names (packed layout only)."""
-    if params.spot_check == 0 or not path.is_file():
+    recomputed live from the COCO split their provenance names (read through the shards)."""
+    if params.spot_check == 0 or not (path / "index.h5").is_file():
         return
     from featcache.spotcheck import spot_check_segments
 

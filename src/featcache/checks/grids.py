@@ -12,10 +12,18 @@ from featcache.config import SharedParams
 from featcache.reader import FeatureStore, open_features
 
 
-def grid_outputs(folder: Path) -> list[Path]:
-    """A grid stage's outputs: ``<split>.h5`` files and ``<split>/`` npy folders."""
-    return sorted([p for p in folder.glob("*.h5")]
-                  + [p for p in folder.iterdir() if (p / "index.tsv").is_file()])
+def grid_outputs(folder: Path) -> list[tuple[Path, str | None]]:
+    """A grid stage's outputs as ``(path, layout)``: every sharded ``<split>/`` folder, and
+    each of its views: the ``<split>.h5`` file (layout ``hdf5``) and the per-image files of
+    the npy layout (the folder read as ``npy``)."""
+    found: list[tuple[Path, str | None]] = []
+    for split in sorted(p for p in folder.iterdir() if (p / "index.h5").is_file()):
+        found.append((split, None))
+        if split.with_suffix(".h5").is_file():
+            found.append((split.with_suffix(".h5"), None))
+        if (split / "index.tsv").is_file():
+            found.append((split, "npy"))
+    return found
 
 
 def check_grid_stage(report: Report, kind: str, folder: Path, shared: SharedParams,
@@ -25,20 +33,21 @@ def check_grid_stage(report: Report, kind: str, folder: Path, shared: SharedPara
     if not readable.expect(folder.is_dir(), f"{folder}: not found"):
         return []
     paths = grid_outputs(folder)
-    readable.expect(bool(paths), f"{folder}: no <split>.h5 file or <split>/ folder")
+    readable.expect(bool(paths), f"{folder}: no <split>/ output folder")
     failed = read_failures(folder, report(f"{kind}.coverage"))
     stores = []
-    for path in paths:
+    for path, layout in paths:
         with problems_to(readable, path.name):
-            store = open_features(path)
+            store = open_features(path, layout=layout)
             check_provenance(report(f"{kind}.provenance"), path.name, store.provenance,
                              shared, model)
             check_grid_file(report, kind, store)
             with problems_to(report(f"{kind}.coverage"), path.name):
                 check_grid_coverage(report(f"{kind}.coverage"), store,
                                     Path(store.provenance["images"]),
-                                    failed.get(path.name, set()))
-            stores.append(store)
+                                    failed.get(path.name.removesuffix(".h5"), set()))
+            if layout is None and path.is_dir():   # spot checks and pictures: the shards
+                stores.append(store)
     return stores
 
 
@@ -55,7 +64,8 @@ def check_grid_file(report: Report, kind: str, store: FeatureStore) -> None:
     want = (t * t, width) if prov["array_layout"] == "tokens" else (width, t, t)
     fields = {"grids": want} | ({"global": (embed,)} if "global" in store.fields() else {})
     for name, shape in fields.items():
-        arrays = store if name == store.field else open_features(store.path, field=name)
+        arrays = store if name == store.field else open_features(store.path, field=name,
+                                                                  layout=store.layout)
         seen = set()
         for key in arrays:
             report(f"{kind}.readable").items += 1

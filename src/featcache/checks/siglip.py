@@ -39,7 +39,7 @@ def check_siglip(report: Report, folder: Path, shared: SharedParams, tolerance: 
         for i in np.flatnonzero(~(error <= tolerance)):  # NaN norms fail too
             unit.expect(False, f"{keys[i]}: norm {norms[i]:.5f}, expected 1 +- {tolerance}")
         with problems_to(report("siglip.index"), "inst2feat.tsv"):
-            check_index(report("siglip.index"), folder, keys, store.layout)
+            check_index(report("siglip.index"), folder, keys, prov.get("layout", store.layout))
         coverage = report("siglip.coverage")
         failed = all_failed(read_failures(folder, coverage))
         with problems_to(coverage, "panoptic split"):
@@ -47,17 +47,22 @@ def check_siglip(report: Report, folder: Path, shared: SharedParams, tolerance: 
 
 
 def read_embeddings(store: FeatureStore, report: Report) -> tuple[list[str], np.ndarray]:
-    """Keys and ``(N, D)`` embeddings in file order; packed HDF5 id columns checked too."""
-    if store.layout != "hdf5_packed":
-        keys = sorted(store)
-        rows = [store[k] for k in keys]
-        return keys, np.stack(rows) if rows else np.zeros((0, 0), np.float16)
-    import h5py
+    """Keys and ``(N, D)`` embeddings in stored order; the id columns are checked too."""
+    if store.layout == "hdf5_packed":
+        import h5py
 
-    with h5py.File(store.path, "r") as f:
-        keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][()]]
-        embeddings = f["embeddings"][()]
-        ids = f["image_id"][()], f["segment_id"][()]
+        with h5py.File(store.path, "r") as f:
+            keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][()]]
+            embeddings = f["embeddings"][()]
+            ids = f["image_id"][()], f["segment_id"][()]
+    else:
+        keys = list(store)
+        rows = [store[k] for k in keys]
+        embeddings = np.stack(rows) if rows else np.zeros((0, 0), np.float16)
+        if store.layout != "shards" or "image_id" not in store.fields():
+            return keys, embeddings
+        ids = tuple(np.asarray([open_features(store.path, field=name)[k] for k in keys],
+                               np.int64).reshape(-1) for name in ("image_id", "segment_id"))
     shapes = report("siglip.shapes")
     for name, column in zip(("image_id", "segment_id"), ids):
         expect_array(shapes, f"{store.path.name} {name}", column, (len(keys),), np.int64)
@@ -75,8 +80,14 @@ def check_index(check: Check, folder: Path, keys: list[str], layout: str) -> Non
     lines = (folder / INDEX_NAME).read_text(encoding="utf-8").splitlines()
     check.expect(bool(lines) and lines[0] == INDEX_HEADER,
                  f"{INDEX_NAME}: header {lines[:1]}, expected {INDEX_HEADER!r}")
-    where = {k: f"{H5_NAME}#{i}" if layout == "hdf5_packed" else f"{k}.npy"
-             for i, k in enumerate(keys)}
+    if layout == "shards":
+        from featcache.engine.shards import SHARDS_DIR, read_index
+
+        index_keys, shard, row, names, _ = read_index(folder)
+        where = {k: f"{SHARDS_DIR}/{names[s]}#{r}" for k, s, r in zip(index_keys, shard, row)}
+    else:
+        where = {k: f"{H5_NAME}#{i}" if layout == "hdf5_packed" else f"{k}.npy"
+                 for i, k in enumerate(keys)}
     seen: set[str] = set()
     for n, line in enumerate(lines[1:], start=2):
         check.items += 1
