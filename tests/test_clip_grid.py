@@ -378,3 +378,36 @@ def test_dvc_exp_run_switches_model_and_back_from_the_run_cache(tmp_path: Path) 
     assert "Stage 'extract_clip_grid' is cached - skipping run" in back, back
     assert sha256(h5) == baseline
     assert json.loads((repo / "summary.json").read_text()) == summary
+
+
+@pytest.mark.slow
+def test_dvc_adding_a_split_recomputes_only_that_split(tmp_path: Path) -> None:
+    """DVC deletes the stage's outputs before running it; the shards of the splits that did
+    not change come back from DVC's cache (via the previous dvc.lock), linked, not computed."""
+    repo = dvc_repo(tmp_path / "repo")
+    dvc_sh(["dvc", "repro", "extract_clip_grid"], repo)
+    val = repo / "data" / "features" / "clip_grid" / "val"
+    baseline = sha256(val)
+    rng = np.random.default_rng(4)
+    (repo / "data" / "raw" / "more").mkdir()
+    for i in (7, 8):
+        Image.fromarray(rng.integers(0, 256, (40, 60, 3), np.uint8)).save(
+            repo / "data" / "raw" / "more" / f"{i:012d}.jpg")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["extract_clip_grid"]["splits"].append({"name": "more", "images": "more"})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = dvc_sh(["dvc", "repro", "extract_clip_grid"], repo)
+    assert ran_stages(log) == {"extract_clip_grid"}, log
+    metrics = json.loads((repo / "metrics" / "extract_clip_grid.json").read_text())
+    assert (metrics["computed"], metrics["reused"], metrics["items"]) == (2, 3, 5), metrics
+    assert sha256(val) == baseline
+    status = dvc_sh(["dvc", "status", "extract_clip_grid"], repo)
+    assert "up to date" in status, status
+    assert featcache_reads(val) == 3
+
+
+def featcache_reads(folder: Path) -> int:
+    from featcache.reader import open_features
+
+    store = open_features(folder)
+    return sum(1 for k in store if store[k].shape == (196, TINY_WIDTH))
