@@ -1,8 +1,9 @@
 """Stage build_uv_index: where each ScanNet point lands in each selected colour frame.
 
-Reads the ``build_uv_index`` section of params.yaml and writes ``<out>/<scene>/frame_<idx>.npz``
-per frame (see :mod:`featcache.uv_index`), ``<out>/failures.tsv`` and
-``metrics/build_uv_index.json`` (with ``reprojection_max_px``).
+Reads the ``build_uv_index`` section of params.yaml and writes the sharded folder ``<out>``
+(one record per frame, key ``<scene>/frame_<idx>``; with ``layout: npz`` also the seed's
+``<out>/<scene>/frame_<idx>.npz`` files; see :mod:`featcache.uv_index`), ``<out>/failures.tsv``
+and the stage metrics (with ``reprojection_max_px``).
 """
 
 from featcache.config import load_stage_params

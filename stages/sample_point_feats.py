@@ -1,8 +1,9 @@
 """Stage sample_point_feats: CLIP grid features sampled at the uv index of every frame.
 
-Reads the ``sample_point_feats`` section of params.yaml and writes
-``<out>/<scene>/frame_<idx>.npz`` per frame with ``pts_feat (N, C) float16`` (see
-:mod:`featcache.point_feats`), ``<out>/failures.tsv`` and ``metrics/sample_point_feats.json``.
+Reads the ``sample_point_feats`` section of params.yaml and writes the sharded folder ``<out>``
+(one record per frame with ``pts_feat (N, C) float16``, key ``<scene>/frame_<idx>``; with
+``layout: npz`` also the seed's ``<out>/<scene>/frame_<idx>.npz`` files; see
+:mod:`featcache.point_feats`), ``<out>/failures.tsv`` and the stage metrics.
 """
 
 from featcache.config import load_stage_params

@@ -7,19 +7,27 @@ shift (1/16 cell here) or x/y swap (the test images are not square) changes the 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
+from featcache.checks import Report
+from featcache.checks.npz import check_point_feats
 from featcache.config import ParamError, build_dataclass
 from featcache.encoders.base import EncoderSpec
+from featcache.engine import EngineParams, run_job
+from featcache.engine.shards import read_index
 from featcache.engine.types import Failure, Piece
-from featcache.point_feats import (GridError, PointFeatsJob, PointFeatsParams, normalise_coords,
-                                   sample_map, sample_point_feats, sample_point_features,
-                                   tokens_to_map)
+from featcache.point_feats import (GridError, PointFeatsJob, PointFeatsParams, grid_records,
+                                   normalise_coords, sample_map, sample_point_feats,
+                                   sample_point_features, tokens_to_map)
+from featcache.reader import open_features
 
 G, R = 4, 2              # token grid 4x4, PixelShuffle x2 -> 8x8 map with 2 channels
 INPUT = (64, 64)         # model input (H, W); a map cell covers 8x8 input pixels
@@ -116,21 +124,78 @@ def test_shortest_crop_maps_through_the_centre_crop() -> None:
     np.testing.assert_allclose(feats[0].astype(np.float32), [3.6040, 3.5417], atol=4e-3)
 
 
+class RecordsJob:
+    """A model-free engine job storing given records ``{key: {field: array}}``; an item's
+    signature is its arrays' bytes."""
+
+    def __init__(self, records: dict[str, dict[str, np.ndarray]]) -> None:
+        self.records = records
+
+    def items(self) -> list[str]:
+        return sorted(self.records)
+
+    def signature(self, item: str) -> str:
+        h = hashlib.sha256()
+        for name, value in sorted(self.records[item].items()):
+            h.update(name.encode() + str(value.dtype).encode() + value.tobytes())
+        return h.hexdigest()
+
+    def load(self, item: str) -> list[Piece | Failure]:
+        return [Piece(key=item, arrays=self.records[item])]
+
+
+def write_output(out: Path, records: dict[str, dict[str, np.ndarray]], provenance: dict,
+                 stage: str, layout: str = "shards") -> None:
+    """A sharded output folder holding ``records`` (run in the test's working directory)."""
+    run_job(RecordsJob(records), None, stage=stage, out=out, writer=layout,
+            provenance=provenance, fingerprint={}, params=EngineParams(num_workers=0),
+            item_bytes=1 << 16)
+
+
+def grid_provenance(resize: str, array_layout: str = "tokens") -> dict:
+    """What sample_point_feats reads of extract_clip_grid's provenance (featcache.grids)."""
+    return {"model": "tiny", "weights": "random", "grid": G, "key_rule": "image_id",
+            "array_layout": array_layout, "preprocessing": spec(resize).to_dict()}
+
+
+def write_grids(clip_grid: Path, scene: str, frames: dict[str, np.ndarray], resize: str,
+                array_layout: str = "tokens", layout: str = "shards") -> None:
+    """One scene's split as extract_clip_grid writes it: ``<clip_grid>/<scene>/``, key = the
+    frame's image id, field ``grids`` (``tokens`` (g*g, C) or ``chw`` (C, g, g)), fp16."""
+    def arranged(tokens: np.ndarray) -> np.ndarray:
+        grid = tokens if array_layout == "tokens" else tokens.T.reshape(-1, G, G)
+        return grid.astype(np.float16)
+
+    write_output(clip_grid / scene, {k: {"grids": arranged(t)} for k, t in frames.items()},
+                 grid_provenance(resize, array_layout), "test_grids", layout)
+
+
 def write_grid_file(path: Path, frames: dict[str, np.ndarray], resize: str) -> None:
-    """A grid file as extract_clip_grid writes it: ``{frame}_grids`` + provenance JSON."""
+    """A lone seed-style grid file (no sharded folder): ``{frame}_grids`` + provenance JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    prov = {"model": "tiny", "grid": G, "preprocessing": spec(resize).to_dict()}
     with h5py.File(path, "w") as f:
-        f.attrs["provenance"] = json.dumps(prov)
+        f.attrs["provenance"] = json.dumps(grid_provenance(resize))
         for frame, tokens in frames.items():
             f[f"{frame}_grids"] = tokens.astype(np.float16)
 
 
-def write_uv_frame(path: Path, uv: np.ndarray, valid: np.ndarray, frame: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, uv_idx=uv.astype(np.float32), valid=valid,
-             depth=np.ones(len(uv), np.float32), conf_2d=valid * np.float32(0.75),
-             frame=np.array(frame), image_size=np.array(IMAGE, np.int32))
+def uv_record(uv: np.ndarray, valid: np.ndarray, frame: str) -> dict[str, np.ndarray]:
+    """One uv-index record with build_uv_index's fields."""
+    return {"uv_idx": uv.astype(np.float32), "valid": valid,
+            "depth": np.ones(len(uv), np.float32), "conf_2d": valid * np.float32(0.75),
+            "frame": np.array(frame), "image_size": np.array(IMAGE, np.int32),
+            "reproj_err_px": np.array(0.1, np.float32)}
+
+
+def write_uv_index(out: Path, records: dict[str, dict[str, np.ndarray]],
+                   layout: str = "shards") -> None:
+    write_output(out, records, {"params": {"scannet": "nowhere"}}, "test_uv", layout)
+
+
+def random_uv(seed: int = 1, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    uv = np.c_[rng.uniform(0, 127, n), rng.uniform(0, 95, n)].astype(np.float32)
+    return uv, rng.random(n) > 0.2
 
 
 def make_params(tmp_path: Path, **kw: object) -> PointFeatsParams:
@@ -139,28 +204,39 @@ def make_params(tmp_path: Path, **kw: object) -> PointFeatsParams:
     return build_dataclass(PointFeatsParams, values, "sample_point_feats")
 
 
-@pytest.mark.parametrize("resize", ["squash", "shortest_crop"])
-def test_job_end_to_end(tmp_path: Path, resize: str, monkeypatch) -> None:
-    rng = np.random.default_rng(1)
-    uv = np.c_[rng.uniform(0, 127, 300), rng.uniform(0, 95, 300)].astype(np.float32)
-    valid = rng.random(300) > 0.2
-    write_uv_frame(tmp_path / "uv/scene0000_00/frame_000003.npz", uv, valid, "3")
-    write_uv_frame(tmp_path / "uv/scene0000_00/frame_000007.npz", uv, valid, "7")  # no grid
-    write_uv_frame(tmp_path / "uv/scene0001_00/frame_000000.npz", uv, valid, "0")  # no file
-    write_grid_file(tmp_path / "grid/scene0000_00.h5", {"3": coordinate_tokens()}, resize)
+@pytest.mark.parametrize("resize,array_layout,grid_layout", [
+    ("squash", "tokens", "shards"), ("shortest_crop", "tokens", "shards"),
+    ("squash", "chw", "shards"),             # the grids stage's (C, g, g) array layout
+    ("shortest_crop", "tokens", "hdf5"),     # folder + <scene>.h5 view: the folder is read
+    ("squash", "tokens", "h5_file"),         # a lone <scene>.h5 (no folder)
+])
+def test_job_end_to_end(tmp_path: Path, resize: str, array_layout: str, grid_layout: str,
+                        monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    uv, valid = random_uv()
+    write_uv_index(tmp_path / "uv", {
+        "scene0000_00/frame_000003": uv_record(uv, valid, "3"),
+        "scene0000_00/frame_000007": uv_record(uv, valid, "7"),      # no grid for it
+        "scene0001_00/frame_000000": uv_record(uv, valid, "0")})     # no grids for the scene
+    if grid_layout == "h5_file":
+        write_grid_file(tmp_path / "grid/scene0000_00.h5", {"3": coordinate_tokens()}, resize)
+    else:
+        write_grids(tmp_path / "grid", "scene0000_00", {"3": coordinate_tokens()}, resize,
+                    array_layout, grid_layout)
     job = PointFeatsJob(make_params(tmp_path))
     assert job.items() == ["scene0000_00/frame_000003", "scene0000_00/frame_000007",
                            "scene0001_00/frame_000000"]
     assert [r.error for r in job.load("scene0000_00/frame_000007")] == ["missing_grid"]
-    assert isinstance(job.load("scene0001_00/frame_000000")[0], Failure)
+    assert [r.error for r in job.load("scene0001_00/frame_000000")] == ["missing_grid"]
 
-    monkeypatch.chdir(tmp_path)
     result = sample_point_feats(make_params(tmp_path, max_failures=2))
     assert result.records == 1 and result.failed == 2
-    with np.load(tmp_path / "pf/scene0000_00/frame_000003.npz") as npz:
-        feats, keep, conf = npz["pts_feat"], npz["valid"], npz["conf_2d"]
-        assert feats.dtype == np.float16 and feats.shape == (300, 2)
-        np.testing.assert_array_equal(npz["uv_idx"], uv)
+    store = open_features(tmp_path / "pf")
+    assert store.layout == "shards" and not list((tmp_path / "pf").rglob("*.npz"))
+    record = store["scene0000_00/frame_000003"]
+    feats, keep, conf = record["pts_feat"], record["valid"], record["conf_2d"]
+    assert feats.dtype == np.float16 and feats.shape == (300, 2)
+    np.testing.assert_array_equal(record["uv_idx"], uv)
     scale, offset = ((64 / 128, 64 / 96), (0, 0)) if resize == "squash" else \
         ((85 / 128, 64 / 96), (10, 0))
     want = expected_cells(uv, scale, offset)
@@ -171,18 +247,131 @@ def test_job_end_to_end(tmp_path: Path, resize: str, monkeypatch) -> None:
     else:
         assert keep.sum() < valid.sum()             # the crop removed some points
     np.testing.assert_allclose(feats[keep].astype(np.float32), want[keep], atol=4e-3)
-    prov = json.loads((tmp_path / "pf/provenance.json").read_text())
-    assert prov["clip_grid"]["scene0000_00"]["preprocessing"]["resize"] == resize
+    source = store.provenance["clip_grid"]["scene0000_00"]
+    assert source["preprocessing"]["resize"] == resize
+    assert source["source"] == ("scene0000_00.h5" if grid_layout == "h5_file" else "scene0000_00")
     metrics = json.loads((tmp_path / "metrics/sample_point_feats.json").read_text())
-    assert metrics["frames"] == 1 and metrics["channels"] == 2
+    assert metrics["frames"] == 1 and metrics["channels"] == 2 and metrics["computed"] == 3
+    rows = (tmp_path / "pf/failures.tsv").read_text().splitlines()[1:]
+    assert sorted(r.split("\t")[1] for r in rows) == ["scene0000_00/frame_000007",
+                                                      "scene0001_00/frame_000000"]
 
 
-def test_bad_params_name_the_key(tmp_path: Path) -> None:
+def two_frame_world(tmp_path: Path, layout: str = "shards") -> dict[str, np.ndarray]:
+    """uv index + grids of two frames of one scene; returns the grid tokens by image id."""
+    uv, valid = random_uv()
+    write_uv_index(tmp_path / "uv", {"scene0000_00/frame_000003": uv_record(uv, valid, "3"),
+                                     "scene0000_00/frame_000011": uv_record(uv, valid, "11")},
+                   layout)
+    tokens = {"3": coordinate_tokens(), "11": coordinate_tokens()[::-1].copy()}
+    write_grids(tmp_path / "grid", "scene0000_00", tokens, "squash")
+    return tokens
+
+
+def test_npz_layout_files_are_the_seed_format_and_read_like_the_shards(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    two_frame_world(tmp_path, layout="npz")          # an npz-layout uv index reads the same
+    params = make_params(tmp_path, layout="npz")
+    sample_point_feats(params)
+    out = tmp_path / "pf"
+    keys = ["scene0000_00/frame_000003", "scene0000_00/frame_000011"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npz")) == \
+        [f"{k}.npz" for k in keys]
+    store, job = open_features(out), PointFeatsJob(params)
+    for key in keys:
+        [piece] = job.load(key)
+        with np.load(out / f"{key}.npz") as npz:
+            files = {name: npz[name] for name in npz.files}
+        assert list(files) == list(store[key]) == ["pts_feat", "uv_idx", "valid", "conf_2d"]
+        for name, want in piece.arrays.items():
+            for got in (files[name], store[key][name]):
+                assert got.dtype == want.dtype and got.shape == want.shape, (key, name)
+                np.testing.assert_array_equal(got, want)
+    assert files["pts_feat"].dtype == np.float16 and files["valid"].dtype == bool
+    # the layout is a view: switching back reuses every frame
+    again = sample_point_feats(dataclasses.replace(params, layout="shards"))
+    assert again.computed == 0 and again.reused == 2 and not list(out.rglob("*.npz"))
+
+
+def test_a_changed_grid_or_uv_record_resamples_that_frame_only(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tokens = two_frame_world(tmp_path)
+    params = make_params(tmp_path)
+    assert sample_point_feats(params).computed == 2
+    assert sample_point_feats(params).computed == 0             # nothing changed
+    tokens["11"] = tokens["11"] + 1                              # one grid re-extracted
+    write_grids(tmp_path / "grid", "scene0000_00", tokens, "squash")
+    result = sample_point_feats(params)
+    assert result.computed == 1 and result.reused == 1
+    feats = open_features(tmp_path / "pf", field="pts_feat")["scene0000_00/frame_000011"]
+    [piece] = PointFeatsJob(params).load("scene0000_00/frame_000011")
+    np.testing.assert_array_equal(feats, piece.arrays["pts_feat"])
+    uv, valid = random_uv()                                      # one uv frame changed
+    write_uv_index(tmp_path / "uv", {"scene0000_00/frame_000003": uv_record(uv, ~valid, "3"),
+                                     "scene0000_00/frame_000011": uv_record(uv, valid, "11")})
+    assert sample_point_feats(params).computed == 1
+
+
+def test_an_hdf5_view_without_its_folder_is_a_failure_not_zeros(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    uv, valid = random_uv()
+    write_uv_index(tmp_path / "uv", {"scene0000_00/frame_000003": uv_record(uv, valid, "3")})
+    write_grids(tmp_path / "grid", "scene0000_00", {"3": coordinate_tokens()}, "squash",
+                layout="hdf5")
+    shutil.rmtree(tmp_path / "grid" / "scene0000_00")     # the view's sources are gone
+    result = sample_point_feats(make_params(tmp_path, max_failures=1))
+    assert [(f.item, f.error) for f in result.failures] == [("scene0000_00/frame_000003",
+                                                             "bad_grid")]
+    assert "missing" in result.failures[0].message
+
+
+def test_grid_keys_by_image_id_or_stem(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_output(tmp_path / "g", {k: {"grids": np.zeros((G * G, 8), np.float16)}
+                                  for k in ("3", "000011", "011", "x")}, {}, "test_grids")
+    found = grid_records(tmp_path / "g")
+    assert {i: key for i, (key, _) in found.items()} == {3: "3", 11: "011"}
+    assert len({identity for _, identity in found.values()}) == 2
+
+
+def test_verify_checks_pass_and_catch_features_where_not_valid(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    two_frame_world(tmp_path)
+    sample_point_feats(make_params(tmp_path, layout="npz"))
+    out = tmp_path / "pf"
+    report = Report()
+    check_point_feats(report, out, tmp_path / "uv")
+    assert not report.failed, report.to_json([])
+    assert report.checks["point_feats.npz_view"].items == 2
+    keys, shard, row, names, _ = read_index(out)
+    record = open_features(out)[keys[0]]
+    invalid = int(np.flatnonzero(~record["valid"])[0])
+    with h5py.File(out / "shards" / names[shard[0]], "r+") as f:
+        f["pts_feat"][row[0], invalid] = 1
+    report = Report()
+    check_point_feats(report, out, tmp_path / "uv")
+    assert set(report.failed) == {"point_feats.valid", "point_feats.npz_view"}
+
+
+def test_bad_params_name_the_key(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ParamError, match="sample_point_feats.upscale"):
         make_params(tmp_path, upscale=0)
-    with pytest.raises(ParamError, match="sample_point_feats.uv_index"):
+    with pytest.raises(ParamError, match="sample_point_feats.uv_index: folder not found"):
         sample_point_feats(make_params(tmp_path))
     (tmp_path / "uv").mkdir()
     (tmp_path / "grid").mkdir()
-    with pytest.raises(ParamError, match="sample_point_feats.clip_grid: no <scene>.h5"):
+    with pytest.raises(ParamError, match="sample_point_feats.uv_index: .* no index.h5"):
         sample_point_feats(make_params(tmp_path))
+    uv, valid = random_uv()
+    write_uv_index(tmp_path / "uv", {"scene0000_00/frame_000003": uv_record(uv, valid, "3")})
+    with pytest.raises(ParamError, match="sample_point_feats.clip_grid: no grids for any scene"):
+        sample_point_feats(make_params(tmp_path))
+    (tmp_path / "grid" / "scene0000_00").mkdir()   # a folder per scene is accepted; an
+    result = sample_point_feats(make_params(tmp_path, max_failures=1))   # empty one: a failure
+    assert [(f.item, f.error) for f in result.failures] == [("scene0000_00/frame_000003",
+                                                             "bad_grid")]

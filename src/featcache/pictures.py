@@ -153,7 +153,8 @@ def edges_picture(folder: Path, n: int) -> np.ndarray | None:
 
 
 def uv_picture(uv_folder: Path, feats_folder: Path) -> np.ndarray | None:
-    """The first frame of the uv index: points over colour and depth, and by feature PCA."""
+    """The first frame of the uv index (any layout): points over colour and depth, and, when
+    the point features exist, the points coloured by their feature PCA."""
     from featcache import scannet
 
     store = open_features(uv_folder)
@@ -166,13 +167,15 @@ def uv_picture(uv_folder: Path, feats_folder: Path) -> np.ndarray | None:
     color = cv2.imread(str(paths.color), cv2.IMREAD_COLOR)
     depth = scannet.read_depth(paths.depth, float(params["depth_scale"]))
     panels = render_panels(color, depth, arrays, zoom=2)
-    feats = open_features(feats_folder)
+    feats = open_features(feats_folder) if feats_folder.is_dir() else {}
+    right = ""
     if key in feats:
         panels = hstack([panels, feature_panel(color, feats[key], zoom=2)])
+        right = "; right: points coloured by the PCA of pts_feat"
     n_valid, n_vis = int(arrays["valid"].sum()), int((arrays["conf_2d"] > 0).sum())
     return add_caption(panels, f"{key}: {n_valid} of {len(arrays['valid'])} points in view, "
-                               f"{n_vis} visible (green), {n_valid - n_vis} occluded (red); "
-                               f"right: points coloured by the PCA of pts_feat")
+                               f"{n_vis} visible (green), {n_valid - n_vis} occluded (red)"
+                               f"{right}")
 
 
 def render_panels(color: np.ndarray, depth: np.ndarray, arrays: dict[str, np.ndarray],

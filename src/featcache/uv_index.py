@@ -6,7 +6,7 @@ into the camera with the inverse of the frame's camera-to-world pose, kept when
 image (see :mod:`featcache.geometry` for the conventions). With ``occlusion_check`` each kept
 point is compared with the frame's depth map (own resolution, own intrinsics, nearest depth
 pixel): ``conf_2d = 1`` when ``|z - depth| <= occlusion_tolerance`` **metres**, 0 when occluded
-or when the depth pixel is 0 (unknown). One ``<scene>/frame_<idx:06d>.npz`` per frame holds:
+or when the depth pixel is 0 (unknown). One record per frame, key ``<scene>/frame_<idx:06d>``:
 
 - ``uv_idx (N,2) float32``: pixel (x right, y down, pixel centres at integers);
 - ``valid (N,) bool``; ``depth (N,) float32`` camera z in metres; ``conf_2d (N,) float32``;
@@ -15,6 +15,15 @@ or when the depth pixel is 0 (unknown). One ``<scene>/frame_<idx:06d>.npz`` per 
 
 Frames with a non-finite pose, a missing file or an all-zero depth map become rows of
 ``failures.tsv``.
+
+Layouts: ``shards`` (default) is the sharded folder ``<out>/index.h5`` + ``<out>/shards/``
+(read it with ``featcache.open_features(out)[key]``, a dict of the fields above); ``npz`` also
+writes the seed's ``<out>/<scene>/frame_<idx:06d>.npz`` files (same arrays) and
+``provenance.json`` into the same folder.
+
+Reuse: each frame's signature covers exactly the files it reads (colour, depth, pose, both
+intrinsics, the scene's point cloud), so adding a scene or a frame computes only the new
+frames, and changing one frame's files recomputes only that frame.
 """
 
 from __future__ import annotations
@@ -34,6 +43,15 @@ from featcache.engine.types import EngineParams, Failure, Piece, RunResult
 log = logging.getLogger(__name__)
 
 STAGE = "build_uv_index"
+# The shard size comes from params, never from the data: assume a ScanNet-sized cloud
+# (vh_clean_2 meshes have ~50k-300k vertices) and the bytes one point stores per frame:
+# uv_idx 2 x float32 + valid bool + depth float32 + conf_2d float32 = 17 bytes.
+ASSUMED_POINTS_PER_SCENE = 150_000
+BYTES_PER_POINT = 2 * 4 + 1 + 4 + 4
+# Params that choose which items exist or where they go, not what a frame's record holds:
+# left out of the fingerprint, so that e.g. a longer scene list or a layout switch reuses
+# every frame already computed (they stay in the provenance).
+SELECTION_PARAMS = ("out", "layout", "scenes", "frames_per_scene", "frame_stride")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +62,9 @@ class UvIndexParams(EngineParams):
     per scene, relative to ``scans/<scene>/`` with ``{scene}`` replaced (``.ply`` or ``.npy``).
     ``frames_per_scene = 0`` takes every frame; otherwise every ``frame_stride``-th frame, the
     first ``frames_per_scene`` of them. ``occlusion_tolerance`` is absolute, in metres.
-    ``compression: gzip`` deflates the NPZ entries (same arrays, smaller files).
+    ``compression: gzip`` deflates the stored arrays (shards and NPZ entries: same arrays,
+    smaller files). ``layout``: ``shards`` (default) or ``npz`` (also the seed's per-frame
+    ``<scene>/frame_<idx>.npz`` files, in the same folder).
     """
 
     scannet: str
@@ -59,6 +79,7 @@ class UvIndexParams(EngineParams):
     occlusion_check: bool = True
     occlusion_tolerance: float = 0.05
     compression: Literal["none", "gzip"] = "none"
+    layout: Literal["shards", "npz"] = "shards"
 
     def validate(self) -> None:
         super().validate()
@@ -124,6 +145,28 @@ def read_frame(scene_dir: Path, stem: str, depth_scale: float) -> FrameData:
                      size=scannet.read_image_size(paths.color), depth=depth)
 
 
+def frame_stems(scene_dir: Path) -> dict[int, str]:
+    """``frame index -> file stem`` ("3", or "000003" in zero-padded exports) of a scene,
+    listed once per change of its folders (the smallest stem wins if two spell one index)."""
+    stamp = tuple(_mtime_ns(scene_dir / sub) for sub in ("color", "depth", "pose"))
+    return _cached_stems(str(scene_dir), stamp)
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+@lru_cache(maxsize=64)
+def _cached_stems(scene_dir: str, stamp: tuple[int, ...]) -> dict[int, str]:
+    stems: dict[int, str] = {}
+    for stem in sorted(scannet.list_frame_stems(Path(scene_dir)), key=lambda s: (int(s), s)):
+        stems.setdefault(int(stem), stem)
+    return stems
+
+
 @lru_cache(maxsize=2)
 def _cached_points(path: str, mtime_ns: int) -> np.ndarray:
     points = scannet.read_point_cloud(Path(path))
@@ -175,35 +218,46 @@ class UvIndexJob:
             return [Failure(item, e.code, str(e))]
         return [Piece(key=item, arrays=arrays)]
 
-    def input_files(self, items: list[str]) -> list[Path]:
-        """Every file the items read (frame files, intrinsics, point clouds), sorted."""
-        files: set[Path] = set()
-        for item in items:
-            scene, _, frame = item.partition("/")
-            scene_dir = self.scene_dir(scene)
-            files.add(scene_dir / self.params.point_cloud.format(scene=scene))
-            files.update(scene_dir / "intrinsic" / f"intrinsic_{k}.txt" for k in ("color", "depth"))
-            if frame:
-                stem = str(int(frame.removeprefix("frame_")))
-                files.update(scene_dir / sub / f"{stem}{ext}" for sub, ext in
-                             (("color", ".jpg"), ("depth", ".png"), ("pose", ".txt")))
-        return sorted(files)
+    def signature(self, item: str) -> str:
+        """Content signature of exactly the files :meth:`load` reads for ``item``: the
+        frame's colour, depth and pose, both intrinsics and the scene's point cloud (a file
+        that is missing signs as missing, so its appearance changes the signature)."""
+        from featcache.engine import file_signature
+
+        scene, _, frame = item.partition("/")
+        if not frame:
+            return file_signature([], extra="no frames")
+        scene_dir = self.scene_dir(scene)
+        stem = self._stem(scene_dir, int(frame.removeprefix("frame_")))
+        colors = [scene_dir / "color" / f"{stem}{s}" for s in scannet.COLOR_SUFFIXES]
+        color = next((p for p in colors if p.is_file()), colors[0])
+        intrinsic = scene_dir / "intrinsic"
+        return file_signature([color, scene_dir / "depth" / f"{stem}.png",
+                               scene_dir / "pose" / f"{stem}.txt",
+                               intrinsic / "intrinsic_color.txt",
+                               intrinsic / "intrinsic_depth.txt",
+                               scene_dir / self.params.point_cloud.format(scene=scene)],
+                              extra=item)
 
     @staticmethod
     def _stem(scene_dir: Path, index: int) -> str:
         """The file stem of frame ``index`` ("3", or "000003" in zero-padded exports)."""
-        stems = [s for s in scannet.list_frame_stems(scene_dir) if int(s) == index]
-        return stems[0] if stems else str(index)
+        return frame_stems(scene_dir).get(index, str(index))
 
 
 def summarise(out: Path) -> dict[str, float]:
-    """Metrics over a written uv index: worst re-projection error, visibility fractions."""
+    """Metrics over a written uv index (any layout): frames, worst re-projection error,
+    visibility fractions."""
+    from featcache.reader import open_features
+
+    stores = {name: open_features(out, field=name) for name in ("reproj_err_px", "valid",
+                                                                 "conf_2d")}
     errors, valid, visible = [], [], []
-    for path in sorted(out.rglob("*.npz")):
-        with np.load(path) as npz:
-            errors.append(float(npz["reproj_err_px"]))
-            valid.append(float(npz["valid"].mean()) if npz["valid"].size else 0.0)
-            visible.append(float(npz["conf_2d"].sum() / max(npz["valid"].sum(), 1)))
+    for key in sorted(stores["valid"]):
+        ok = stores["valid"][key]
+        errors.append(float(stores["reproj_err_px"][key]))
+        valid.append(float(ok.mean()) if ok.size else 0.0)
+        visible.append(float(stores["conf_2d"][key].sum() / max(ok.sum(), 1)))
     return {
         "frames": len(errors),
         "reprojection_max_px": max(errors, default=0.0),
@@ -222,29 +276,38 @@ def check_inputs(params: UvIndexParams) -> None:
 
 
 def method_params(params: UvIndexParams) -> dict[str, object]:
-    """The params that determine the result (engine knobs such as ``num_workers`` excluded)."""
+    """The params recorded in the provenance (engine knobs such as ``num_workers`` excluded)."""
     return params.method_params()
 
 
+def fingerprint_params(params: UvIndexParams) -> dict[str, object]:
+    """The params that determine a frame's record: :func:`method_params` less
+    :data:`SELECTION_PARAMS` (the frame's own inputs come from its signature)."""
+    return {k: v for k, v in method_params(params).items() if k not in SELECTION_PARAMS}
+
+
 def build_uv_index(params: UvIndexParams) -> RunResult:
-    """Run the stage: the npz folder ``params.out`` (with ``provenance.json`` and
-    ``failures.tsv``) and ``metrics/build_uv_index.json`` (relative to the working directory).
+    """Run the stage: the output folder ``params.out`` in ``params.layout`` (with
+    ``failures.tsv``) and the metrics JSON (``params.metrics``, default
+    ``metrics/build_uv_index.json``), relative to the working directory.
 
     Raises ``TooManyFailures`` (after writing) when more than ``max_failures`` frames failed.
     """
-    from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
+    from featcache.engine import WriterOptions, finish_stage, run_job
 
     check_inputs(params)
     job = UvIndexJob(params)
-    items = job.items()
     provenance = {"params": method_params(params), "conventions": geometry.__doc__}
-    fingerprint = {"params": method_params(params),
-                   "inputs": file_signature(job.input_files(items))}
-    result = run_job(job, None, stage=STAGE, out=params.out, writer="npz",
+    result = run_job(job, None, stage=STAGE, out=params.out, writer=params.layout,
                      writer_options=WriterOptions(compression=params.compression),
-                     provenance=provenance, fingerprint=fingerprint, params=params)
+                     provenance=provenance, fingerprint={"params": fingerprint_params(params)},
+                     params=params, item_bytes=ASSUMED_POINTS_PER_SCENE * BYTES_PER_POINT)
+    if not result.finalized:   # compute-only run (shard range): no output to summarise yet
+        finish_stage(STAGE, params.out, [result], params)
+        return result
     metrics = summarise(Path(params.out))
-    log.info("%s: %d frames written, %d failed, max re-projection error %.2e px", STAGE,
-             result.records, result.failed, metrics["reprojection_max_px"])
+    log.info("%s: %d frames written (%d computed, %d reused), %d failed, max re-projection "
+             "error %.2e px", STAGE, result.records, result.computed, result.reused,
+             result.failed, metrics["reprojection_max_px"])
     finish_stage(STAGE, params.out, [result], params, extra=metrics)
     return result

@@ -111,7 +111,8 @@ def check_edges(report: Report, folder: Path) -> None:
 
 
 def check_uv_index(report: Report, folder: Path, metrics: Path, max_px: float) -> None:
-    """build_uv_index: per-frame arrays, points inside the image, re-projection, coverage."""
+    """build_uv_index: per-frame arrays, points inside the image, re-projection, coverage;
+    with the npz layout also every ``<scene>/frame_<idx>.npz`` (the shards' arrays)."""
     from featcache.config import build_dataclass
     from featcache.uv_index import STAGE as UV_STAGE
     from featcache.uv_index import UvIndexJob, UvIndexParams
@@ -141,6 +142,8 @@ def check_uv_index(report: Report, folder: Path, metrics: Path, max_px: float) -
         worst = max(worst, err) if np.isfinite(err) else np.inf
         reproj.expect(err < max_px, f"{key}: re-projection error {err} px >= {max_px}")
     reproj.numbers["max_px"] = round(worst, 6)
+    if store.provenance.get("layout") == "npz":
+        check_frame_npz_files(report("uv_index.npz_view"), folder, store)
     if metrics.as_posix() not in ("", "."):
         with problems_to(reproj, metrics.name):
             metric = float(json.loads(metrics.read_text())["reprojection_max_px"])
@@ -154,7 +157,8 @@ def check_uv_index(report: Report, folder: Path, metrics: Path, max_px: float) -
 
 
 def check_point_feats(report: Report, folder: Path, uv_folder: Path) -> None:
-    """sample_point_feats: ``(N, C)`` fp16 on the uv index's points, zero where not valid."""
+    """sample_point_feats: ``(N, C)`` fp16 on the uv index's points, zero where not valid;
+    with the npz layout also every ``<scene>/frame_<idx>.npz`` (the shards' arrays)."""
     store, failed = open_npz_output(report, "point_feats", folder)
     if store is None:
         return
@@ -185,5 +189,29 @@ def check_point_feats(report: Report, folder: Path, uv_folder: Path) -> None:
                 valid_check.expect(not a["pts_feat"][~valid].any() and
                                    not a["conf_2d"][~valid].any(),
                                    f"{key}: non-zero features or conf_2d where not valid")
+        if prov.get("layout") == "npz":
+            check_frame_npz_files(report("point_feats.npz_view"), folder, store)
         check_coverage(report("point_feats.coverage"), [(k, (k,)) for k in uv_store],
                        set(store), all_failed(failed))
+
+
+def check_frame_npz_files(check: Check, folder: Path, store: FeatureStore) -> None:
+    """Layout ``npz`` of the ScanNet stages: one ``<key>.npz`` per key of the sharded store
+    (``<scene>/frame_<idx>.npz``), no other, each holding exactly the record's arrays (same
+    dtypes and bits), so the per-record checks on the shards hold for the files too."""
+    files = {p.relative_to(folder).as_posix()[:-len(".npz")]: p
+             for p in sorted(folder.rglob("*.npz")) if not p.name.startswith(".")}
+    for key in sorted(set(files) - set(store)):
+        check.expect(False, f"{key}.npz: a file for a key the output does not have")
+    for key in sorted(store):
+        check.items += 1
+        if not check.expect(key in files, f"{key}.npz: missing"):
+            continue
+        with problems_to(check, f"{key}.npz"):
+            with np.load(files[key], allow_pickle=False) as z:
+                got = {name: z[name] for name in z.files}
+            want = store[key]
+            same = got.keys() == want.keys() and all(   # bits, so NaN == NaN
+                got[n].dtype == want[n].dtype and got[n].shape == want[n].shape
+                and got[n].tobytes() == want[n].tobytes() for n in want)
+            check.expect(same, f"{key}.npz: differs from the shards' record")
