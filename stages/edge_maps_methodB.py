@@ -1,7 +1,8 @@
 """Stage edge_maps_methodB: Method-B edge maps of SA-1B instance masks.
 
-Reads the ``edge_maps_methodB`` section of params.yaml and writes ``<out>/<stem>_edges.npz``
-per image (see :mod:`featcache.edges`).
+Reads the ``edge_maps_methodB`` section of params.yaml and writes the sharded folder
+``<out>/`` (the edge maps and flags per image stem; ``layout: npz`` adds the seed's
+``<stem>_edges.npz``; see :mod:`featcache.edges`).
 """
 
 from featcache.config import load_stage_params

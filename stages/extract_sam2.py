@@ -1,7 +1,8 @@
 """Stage extract_sam2: SAM2 image-encoder features (P4/P5) per image.
 
 Reads the ``extract_sam2`` section of params.yaml plus the shared ``weights``, ``seed`` and
-``device``, and writes ``<out>/<stem>_features.npz`` per image (see
+``device``, and writes the sharded folder ``<out>/`` (``P4_S16``, ``P5_S32``, ``feature_flag``
+per image stem; ``layout: npz`` adds the seed's ``<stem>_features.npz``; see
 :mod:`featcache.sam2_features`).
 """
 

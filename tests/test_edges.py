@@ -1,4 +1,5 @@
-"""Method-B edge maps: hand-drawn masks, params validation, and full stage runs on tmp folders."""
+"""Method-B edge maps: hand-drawn masks, params validation, and full stage runs on tmp folders
+(sharded output, the npz layout, reuse, verify's checks and picture)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from featcache.checks import Report
+from featcache.checks.npz import check_edges
 from featcache.config import ParamError, build_dataclass, load_stage_params
-from featcache.edges import (EdgeParams, compute_image_edges, edge_map_method_b,
-                             resize_edge_map, run_edge_maps)
+from featcache.edges import (EdgeParams, compute_image_edges, edge_item_bytes,
+                             edge_map_method_b, resize_edge_map, run_edge_maps)
 from featcache.engine import TooManyFailures
+from featcache.engine.shards import SHARDS_DIR, read_index
+from featcache.pictures import edges_picture
+from featcache.reader import open_features
 
 SECTION = "edge_maps_methodB"
 
@@ -135,7 +141,7 @@ def params_for(tmp_path: Path, **overrides: object) -> EdgeParams:
 @pytest.mark.parametrize("key, value", [
     ("kernel_size", 1), ("kernel_size", 4), ("kernel_size", "3"), ("sizes", []),
     ("sizes", [64, 0]), ("sizes", [64, 64]), ("sizes", 64), ("sa1b", ""), ("max_failures", -1),
-    ("compression", "lzf"),
+    ("compression", "lzf"), ("layout", "hdf5"),
 ])
 def test_bad_params_name_the_key(tmp_path: Path, key: str, value: object) -> None:
     with pytest.raises(ParamError, match=rf"^{SECTION}\.{key}"):
@@ -170,6 +176,20 @@ def write_dataset(folder: Path) -> None:
     Image.new("RGB", (64, 48)).save(folder / "sa_1.webp")  # same stem as sa_1.png
 
 
+FIELDS = ["edge_32x32", "edge_8x8", "edge_flag", "edge_version"]
+SMALL_SHARDS = 0.003   # MiB: about 3 images (1088 bytes each at sizes [32, 8]) a shard
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def failure_rows(out: Path) -> dict[str, str]:
+    rows = (out / "failures.tsv").read_text().splitlines()
+    return {r.split("\t")[1]: r.split("\t")[2] for r in rows[1:]}
+
+
 def test_stage_writes_edges_and_failures(tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -177,23 +197,26 @@ def test_stage_writes_edges_and_failures(tmp_path: Path,
     result = run_edge_maps(params_for(tmp_path, max_failures=4))
     out = tmp_path / "edges"
     assert (result.items, result.records, result.failed) == (7, 3, 4)
-    assert sorted(p.name for p in out.glob("*.npz")) == [
-        "sa_1_edges.npz", "sa_2_edges.npz", "sa_4_edges.npz"]
-    with np.load(out / "sa_1_edges.npz", allow_pickle=False) as z:
-        assert sorted(z.files) == ["edge_32x32", "edge_8x8", "edge_flag", "edge_version"]
-        assert z["edge_32x32"].dtype == np.uint8 and z["edge_32x32"].shape == (32, 32)
-        assert z["edge_32x32"].any() and z["edge_flag"] == 1
-        assert str(z["edge_version"]) == "B_v1"
-    with np.load(out / "sa_4_edges.npz", allow_pickle=False) as z:
-        assert z["edge_32x32"].sum() > 0  # uncompressed counts: one pixel at the last position
-    with np.load(out / "sa_2_edges.npz", allow_pickle=False) as z:
-        assert not z["edge_32x32"].any() and z["edge_flag"] == 1
-    rows = (out / "failures.tsv").read_text().splitlines()
-    failed = {r.split("\t")[1]: r.split("\t")[2] for r in rows[1:]}
-    assert failed == {"sa_3.png": "bad_rle", "sa_5.png": "size_mismatch",
-                      "sa_6.png": "missing_json", "sa_1.webp": "duplicate_stem"}
+    assert sorted(p.name for p in out.iterdir()) == ["failures.tsv", "index.h5", "shards"]
+    store = open_features(out)
+    assert store.layout == "shards" and sorted(store) == ["sa_1", "sa_2", "sa_4"]
+    sa_1 = store["sa_1"]
+    assert sorted(sa_1) == FIELDS
+    assert sa_1["edge_32x32"].dtype == np.uint8 and sa_1["edge_32x32"].shape == (32, 32)
+    assert sa_1["edge_32x32"].any() and sa_1["edge_flag"] == 1
+    assert sa_1["edge_flag"].dtype == np.uint8 and str(sa_1["edge_version"]) == "B_v1"
+    assert open_features(out, field="edge_32x32")["sa_4"].sum() > 0  # uncompressed counts
+    assert not store["sa_2"]["edge_32x32"].any() and store["sa_2"]["edge_flag"] == 1
+    assert failure_rows(out) == {"sa_3.png": "bad_rle", "sa_5.png": "size_mismatch",
+                                 "sa_6.png": "missing_json", "sa_1.webp": "duplicate_stem"}
     assert json.loads((tmp_path / "metrics" / f"{SECTION}.json").read_text())["failed"] == 4
-    assert json.loads((out / "provenance.json").read_text())["kernel_size"] == 3
+    prov = store.provenance
+    assert prov["kernel_size"] == 3 and prov["layout"] == "shards" and prov["sizes"] == [32, 8]
+
+
+def test_item_bytes_come_from_params(tmp_path: Path) -> None:
+    assert edge_item_bytes(params_for(tmp_path)) == 32 * 32 + 8 * 8
+    assert edge_item_bytes(params_for(tmp_path, sizes=[256, 64, 32])) == 256**2 + 64**2 + 32**2
 
 
 def test_failure_budget_raises_after_writing(tmp_path: Path,
@@ -202,34 +225,174 @@ def test_failure_budget_raises_after_writing(tmp_path: Path,
     write_dataset(tmp_path / "sa1b")
     with pytest.raises(TooManyFailures):
         run_edge_maps(params_for(tmp_path, max_failures=1))
-    assert (tmp_path / "edges" / "sa_1_edges.npz").is_file()
+    assert "sa_1" in open_features(tmp_path / "edges")
     assert (tmp_path / "edges" / "failures.tsv").is_file()
 
 
-def test_two_runs_are_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("layout", ["shards", "npz"])
+def test_two_runs_are_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     layout: str) -> None:
     monkeypatch.chdir(tmp_path)
     write_dataset(tmp_path / "sa1b")
     first, second = tmp_path / "run1" / "edges", tmp_path / "run2" / "edges"
-    run_edge_maps(params_for(tmp_path, max_failures=4, out=str(first)))
-    run_edge_maps(params_for(tmp_path, max_failures=4, out=str(second), num_workers=2))
-    names = sorted(p.name for p in first.iterdir())
-    assert names == sorted(p.name for p in second.iterdir())
-    assert {"provenance.json", "failures.tsv", "sa_1_edges.npz"} <= set(names)
-    for name in names:
-        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    run_edge_maps(params_for(tmp_path, max_failures=4, out=str(first), layout=layout,
+                             shard_mb=SMALL_SHARDS))
+    run_edge_maps(params_for(tmp_path, max_failures=4, out=str(second), layout=layout,
+                             shard_mb=SMALL_SHARDS, num_workers=2, batch_size=1))
+    assert len(list((first / SHARDS_DIR).glob("*.h5"))) > 1
+    files = tree_bytes(first)
+    assert {"index.h5", "failures.tsv"} <= set(files)
+    assert ({"provenance.json", "sa_1_edges.npz"} <= set(files)) == (layout == "npz")
+    assert files == tree_bytes(second)
+
+
+def test_npz_layout_writes_the_seed_files_equal_to_the_shards(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "sa1b")
+    shards, npz = tmp_path / "shards", tmp_path / "npz"
+    run_edge_maps(params_for(tmp_path, max_failures=4, out=str(shards)))
+    result = run_edge_maps(params_for(tmp_path, max_failures=4, out=str(npz), layout="npz"))
+    assert result.records == 3
+    assert sorted(p.name for p in npz.glob("*.npz")) == [
+        "sa_1_edges.npz", "sa_2_edges.npz", "sa_4_edges.npz"]
+    # the layout changes no stored bit: the same shard files
+    assert tree_bytes(shards / SHARDS_DIR) == tree_bytes(npz / SHARDS_DIR)
+    store = open_features(shards)
+    for stem in ("sa_1", "sa_2", "sa_4"):
+        with np.load(npz / f"{stem}_edges.npz", allow_pickle=False) as z:
+            assert sorted(z.files) == FIELDS   # the seed's keys
+            assert z["edge_flag"].dtype == np.uint8 and z["edge_flag"].shape == ()
+            assert z["edge_flag"] == 1 and str(z["edge_version"]) == "B_v1"
+            assert z["edge_version"].dtype.kind == "U"
+            for key in FIELDS:
+                assert z[key].dtype == store[stem][key].dtype
+                np.testing.assert_array_equal(z[key], store[stem][key])
+    prov = json.loads((npz / "provenance.json").read_text())
+    assert prov["layout"] == "npz" and prov["suffix"] == "_edges"
+    assert open_features(npz).provenance["layout"] == "npz"
+
+
+def test_an_added_image_is_the_only_work_and_equals_a_fresh_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    inc, fresh = tmp_path / "inc", tmp_path / "fresh"
+    inc.mkdir(), fresh.mkdir()
+    sa1b = tmp_path / "sa1b"
+    write_dataset(sa1b)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for name in ("sa_2.png", "sa_2.json"):
+        (sa1b / name).rename(aside / name)
+    monkeypatch.chdir(inc)
+    first = run_edge_maps(params_for(tmp_path, max_failures=4, shard_mb=SMALL_SHARDS))
+    assert (first.items, first.computed, first.reused) == (6, 6, 0)
+    for name in ("sa_2.png", "sa_2.json"):
+        (aside / name).rename(sa1b / name)
+    added = run_edge_maps(params_for(tmp_path, max_failures=4, shard_mb=SMALL_SHARDS))
+    assert (added.items, added.computed, added.reused) == (7, 1, 6)
+    metrics = json.loads((inc / "metrics" / f"{SECTION}.json").read_text())
+    assert (metrics["computed"], metrics["reused"], metrics["items"]) == (1, 6, 7)
+    assert added.shards > 1
+    monkeypatch.chdir(fresh)
+    run_edge_maps(params_for(tmp_path, max_failures=4, shard_mb=SMALL_SHARDS,
+                             out=str(fresh / "edges")))
+    assert tree_bytes(tmp_path / "edges") == tree_bytes(fresh / "edges")
+
+
+def test_a_changed_json_or_duplicate_recomputes_only_that_image(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    sa1b = tmp_path / "sa1b"
+    write_dataset(sa1b)
+    run_edge_maps(params_for(tmp_path, max_failures=4))
+    shape = (48, 64)
+    write_item(sa1b, "sa_2", [square(shape, 10, 10, 30, 40)], shape)   # sa_2 gets a mask
+    result = run_edge_maps(params_for(tmp_path, max_failures=4))
+    assert (result.computed, result.reused) == (1, 6)
+    assert open_features(tmp_path / "edges")["sa_2"]["edge_32x32"].any()
+    (sa1b / "sa_1.png").unlink()   # sa_1.webp is no longer a duplicate: it is sa_1 now
+    result = run_edge_maps(params_for(tmp_path, max_failures=4))
+    assert (result.items, result.computed) == (6, 1)
+    assert "sa_1.webp" not in failure_rows(tmp_path / "edges")
+    assert "sa_1" in open_features(tmp_path / "edges")
 
 
 def test_compression_changes_size_not_values(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import h5py
+
     monkeypatch.chdir(tmp_path)
     write_dataset(tmp_path / "sa1b")
     packed, raw = tmp_path / "gzip", tmp_path / "none"
-    run_edge_maps(params_for(tmp_path, max_failures=4, out=str(packed), sizes=[256, 64]))
+    run_edge_maps(params_for(tmp_path, max_failures=4, out=str(packed), sizes=[256, 64],
+                             layout="npz"))
     run_edge_maps(params_for(tmp_path, max_failures=4, out=str(raw), sizes=[256, 64],
-                             compression="none"))
+                             compression="none", layout="npz"))
     for name in ("sa_1_edges.npz", "sa_2_edges.npz"):
         assert (packed / name).stat().st_size < (raw / name).stat().st_size / 5
         with np.load(packed / name) as a, np.load(raw / name) as b:
             assert a.files == b.files
             for key in a.files:
                 np.testing.assert_array_equal(a[key], b[key])
+
+    def stored(folder: Path) -> int:
+        (shard,) = (folder / SHARDS_DIR).glob("*.h5")
+        with h5py.File(shard) as f:
+            return f["edge_256x256"].id.get_storage_size()
+    assert stored(packed) < stored(raw) / 5
+    a, b = open_features(packed), open_features(raw)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        for field, value in a[key].items():
+            np.testing.assert_array_equal(value, b[key][field])
+
+
+def verify_failed(folder: Path) -> list[str]:
+    report = Report()
+    check_edges(report, folder)
+    assert report.checks["edges.binary"].items > 0
+    return report.failed
+
+
+@pytest.mark.parametrize("layout", ["shards", "npz"])
+def test_verify_checks_and_picture_work_on_both_layouts(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        layout: str) -> None:
+    import h5py
+
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "sa1b")
+    out = tmp_path / "edges"
+    run_edge_maps(params_for(tmp_path, max_failures=4, layout=layout))
+    assert verify_failed(out) == []
+    picture = edges_picture(out, 2)
+    assert picture is not None and picture.ndim == 3 and picture.shape[2] == 3
+    keys, shard, row, names, _ = read_index(out)
+    i = keys.index("sa_1")
+    with h5py.File(out / SHARDS_DIR / names[int(shard[i])], "r+") as f:
+        f["edge_8x8"][int(row[i]), 0, 0] = 2   # a non-binary map in the shards
+    assert "edges.binary" in verify_failed(out)
+
+
+def test_verify_checks_the_npz_files_of_the_npz_layout(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "sa1b")
+    out = tmp_path / "edges"
+    run_edge_maps(params_for(tmp_path, max_failures=4, layout="npz"))
+    path = out / "sa_1_edges.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["edge_8x8"][0, 0] = 2
+    np.savez(path, **arrays)
+    assert verify_failed(out) == ["edges.binary", "edges.npz_view"]
+    path.unlink()
+    report = Report()
+    check_edges(report, out)
+    assert report.failed == ["edges.npz_view"]
+    assert "sa_1_edges.npz: missing" in report.checks["edges.npz_view"].first_problems[0]
+    np.savez(out / "sa_9_edges.npz", **arrays)   # a file no image made
+    report = Report()
+    check_edges(report, out)
+    assert any("sa_9_edges.npz: a file for a key" in p
+               for p in report.checks["edges.npz_view"].first_problems)

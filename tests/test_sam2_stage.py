@@ -1,19 +1,22 @@
 """extract_sam2 end to end on generated images with sam2.1_hiera_t at its real 1024 input.
 
 A forward of hiera_t at 1024 takes seconds on a CPU, so the module runs the stage few times and
-shares the runs between tests: one fp32 run, one fp16 run, and one fp16 run killed after its
-first image and resumed (8 image forwards in all, the official reference included). The weights
-are a random SAM2 model saved in the official checkpoint format, loaded through the ``path``
-route, so the reference is the official build (``scalp: 1``) of the same weights.
+shares the runs between tests: one fp32 run (one shard), one fp16 run with one shard per image
+(``shard_mb`` small), one fp16 run killed at its second image and resumed, one run without an
+image then with it added, and an npz-layout run that reuses the fp16 run's shards (10 image
+forwards in all, the official reference included). The weights are a random SAM2 model saved in
+the official checkpoint format, loaded through the ``path`` route, so the reference is the
+official build (``scalp: 1``) of the same weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +26,21 @@ import yaml
 from PIL import Image
 
 from encoder_fixtures import real_looking_image
-from featcache.config import ParamError, load_stage_params
+from featcache.checks import Report
+from featcache.checks.npz import check_sam2
+from featcache.config import ParamError, SharedParams, load_stage_params
+from featcache.engine.shards import SHARDS_DIR, read_index
+from featcache.reader import open_features
 from featcache.sam2_features import (STAGE, Sam2Compute, Sam2Job, Sam2Params, build_sam2_job,
-                                     extract_sam2, feature_fields)
+                                     extract_sam2, feature_fields, sam2_item_bytes)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "sam2.1_hiera_t"
 GOOD = {"sa_1": (60, 90), "sa_2": (80, 44)}   # stem -> (H, W): landscape and portrait
-FLOAT_KEYS = ("P4_S16", "P5_S32", "IMAGE_EMB_S16")
+FLOAT_KEYS = ("P4_S16", "P5_S32")
+STORED = ["P4_S16", "P5_S32", "feature_flag"]     # the fields of the shards
+SEED_KEYS = sorted(STORED + ["IMAGE_EMB_S16"])     # the seed's <stem>_features.npz
+ONE_PER_SHARD = 1.0   # shard_mb below one image's 2.5 MiB (fp16): a shard per image
 
 
 def write_images(folder: Path) -> None:
@@ -67,8 +77,12 @@ def world(tmp_path_factory) -> dict:
 
 
 def write_params(cwd: Path, section: dict, weights: str = "random") -> None:
+    """params.yaml with ``section``; its runtime knobs go to ``runtime.extract_sam2``."""
     cwd.mkdir(parents=True, exist_ok=True)
-    doc = {"weights": weights, "seed": 0, "device": "cpu", STAGE: section}
+    knobs = {k: v for k, v in section.items() if k in ("batch_size", "num_workers")}
+    method = {k: v for k, v in section.items() if k not in knobs}
+    doc = {"weights": weights, "seed": 0, "runtime": {"device": "cpu", STAGE: knobs},
+           STAGE: method}
     (cwd / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
@@ -84,6 +98,14 @@ def run_in(cwd: Path, world: dict, **section: object):
 
 
 def read_out(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every item of the sharded output, through the public reader."""
+    store = open_features(folder)
+    assert store.layout == "shards"
+    return {key: store[key] for key in sorted(store)}
+
+
+def read_npz(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The npz layout's per-image files, read as the seed's tools read them."""
     out = {}
     for path in sorted(folder.glob("*_features.npz")):
         with np.load(path, allow_pickle=False) as z:
@@ -92,7 +114,12 @@ def read_out(folder: Path) -> dict[str, dict[str, np.ndarray]]:
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((folder / SHARDS_DIR).glob("*.h5"))}
 
 
 @pytest.fixture(scope="module")
@@ -104,21 +131,61 @@ def fp32_run(world) -> tuple[Path, object]:
 @pytest.fixture(scope="module")
 def fp16_run(world) -> tuple[Path, object]:
     cwd = world["root"] / "fp16"
-    return cwd / "out", run_in(cwd, world, dtype="fp16")
+    return cwd / "out", run_in(cwd, world, dtype="fp16", shard_mb=ONE_PER_SHARD)
+
+
+@pytest.fixture(scope="module")
+def npz_run(world, fp16_run) -> tuple[Path, object]:
+    """Layout npz over a copy of the fp16 output: its shards are found there, not recomputed."""
+    cwd = world["root"] / "npz"
+    cwd.mkdir()
+    shutil.copytree(fp16_run[0], cwd / "out")
+    return cwd / "out", run_in(cwd, world, dtype="fp16", shard_mb=ONE_PER_SHARD, layout="npz")
 
 
 def test_keys_shapes_dtypes_and_flag(fp32_run, fp16_run) -> None:
     for (out, result), dtype in ((fp32_run, np.float32), (fp16_run, np.float16)):
-        files = read_out(out)
-        assert sorted(files) == ["sa_1", "sa_2"] and result.records == 2
-        for fields in files.values():
-            assert list(fields) == ["P4_S16", "P5_S32", "IMAGE_EMB_S16", "feature_flag"]
+        items = read_out(out)
+        assert sorted(items) == ["sa_1", "sa_2"] and result.records == 2
+        assert sorted(p.name for p in out.iterdir()) == ["failures.tsv", "index.h5", "shards"]
+        for fields in items.values():
+            assert list(fields) == STORED   # IMAGE_EMB_S16 (= P4) is not stored twice
             assert fields["P4_S16"].shape == (256, 64, 64)
             assert fields["P5_S32"].shape == (256, 32, 32)
             assert all(fields[k].dtype == dtype for k in FLOAT_KEYS)
-            np.testing.assert_array_equal(fields["IMAGE_EMB_S16"], fields["P4_S16"])
             assert fields["feature_flag"].dtype == np.int64 and fields["feature_flag"] == 1
             assert np.isfinite(fields["P5_S32"]).all() and fields["P5_S32"].std() > 0
+        p4 = open_features(out, field="P4_S16")
+        np.testing.assert_array_equal(p4["sa_2"], items["sa_2"]["P4_S16"])
+    assert fp32_run[1].shards == 1 and fp16_run[1].shards == 4   # one per image at ONE_PER_SHARD
+    assert len(list((fp16_run[0] / SHARDS_DIR).glob("*.h5"))) == 4
+
+
+def test_item_bytes_come_from_params() -> None:
+    assert sam2_item_bytes(1024, "fp16") == 256 * 64 * 64 * 2 + 256 * 32 * 32 * 2
+    assert sam2_item_bytes(1024, "fp32") == 2 * sam2_item_bytes(1024, "fp16")
+
+
+def test_npz_layout_writes_the_seed_files_and_reuses_the_shards(npz_run, fp16_run) -> None:
+    out, result = npz_run
+    assert (result.computed, result.reused) == (0, 4)    # a layout switch costs no forward
+    assert shard_bytes(out) == shard_bytes(fp16_run[0])  # the same shards, bit for bit
+    files, shards = read_npz(out), read_out(out)
+    assert sorted(files) == sorted(shards) == ["sa_1", "sa_2"]
+    for stem, z in files.items():
+        assert sorted(z) == SEED_KEYS
+        assert all(z[k].dtype == np.float16 for k in ("P4_S16", "P5_S32", "IMAGE_EMB_S16"))
+        assert z["IMAGE_EMB_S16"].tobytes() == z["P4_S16"].tobytes()
+        assert z["feature_flag"].dtype == np.int64 and z["feature_flag"].shape == ()
+        assert z["feature_flag"] == 1
+        for key in STORED:   # shards and npz files read the same arrays
+            assert z[key].dtype == shards[stem][key].dtype
+            np.testing.assert_array_equal(z[key], shards[stem][key])
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["layout"] == "npz" and prov["suffix"] == "_features"
+    assert prov["aliases"] == {"IMAGE_EMB_S16": "P4_S16"}
+    assert open_features(out).provenance["layout"] == "npz"
+    assert "IMAGE_EMB_S16" not in open_features(fp16_run[0]).provenance["keys"]
 
 
 def test_p4_equals_official_backbone_fpn2_of_same_weights(world, fp32_run) -> None:
@@ -132,6 +199,7 @@ def test_p4_equals_official_backbone_fpn2_of_same_weights(world, fp32_run) -> No
         fpn = world["model"].image_encoder(x)["backbone_fpn"]
     assert len(fpn) == 3  # the official build drops the stride-32 level (scalp: 1)
     files = read_out(fp32_run[0])
+    assert read_index(fp32_run[0])[0] == stems
     for i, stem in enumerate(stems):
         ref = fpn[2][i].numpy()
         np.testing.assert_allclose(files[stem]["P4_S16"], ref, rtol=1e-5,
@@ -154,25 +222,23 @@ def test_corrupt_and_duplicate_images_are_failure_rows(fp32_run) -> None:
     assert rows[0] == ["output", "item", "error", "message"]
     assert sorted((r[1], r[2]) for r in rows[1:]) == [("sa_1.png", "duplicate_stem"),
                                                      ("sa_3.jpg", "bad_image")]
-    assert result.failed == 2 and not (out / "sa_3_features.npz").exists()
+    assert result.failed == 2 and "sa_3" not in open_features(out)
 
 
 def test_provenance_names_encoder_weights_and_raw_levels(world, fp16_run) -> None:
-    import json
-
-    prov = json.loads((fp16_run[0] / "provenance.json").read_text())
+    prov = open_features(fp16_run[0]).provenance
     assert prov["model"] == CONFIG and prov["family"] == "sam2"
     assert prov["weights_id"].startswith("sha256:") and prov["storage_dtype"] == "fp16"
     assert "conv_s0" in prov["raw_levels"] and "no_mem_embed" in prov["raw_levels"]
     assert prov["preprocessing"]["input_size"] == [1024, 1024]
+    assert prov["layout"] == "shards" and prov["stage"] == STAGE
+    assert sorted(prov["keys"]) == sorted(STORED)
 
 
 def test_killed_run_resumes_to_the_same_bytes(world, fp16_run, monkeypatch) -> None:
-    """Chunks of one image; the first run dies at its second model call. The re-run computes
-    only what is missing, and the result equals the uninterrupted fp16 run byte for byte."""
-    import featcache.engine.runner as runner
-
-    monkeypatch.setattr(runner, "CHUNK_ITEMS", 1)
+    """A shard per image; the first run dies at its second model call (sa_2.png). The re-run
+    computes only what is missing, and the result equals the uninterrupted fp16 run byte for
+    byte."""
     calls: list[int] = []
     real_call = Sam2Compute.__call__
     cwd = world["root"] / "resume"
@@ -180,28 +246,77 @@ def test_killed_run_resumes_to_the_same_bytes(world, fp16_run, monkeypatch) -> N
     def dying_call(self, batch):
         calls.append(len(batch.keys))
         if len(calls) == 2:
-            wait_for(lambda: any((cwd / ".featcache").rglob("chunk_000000.npz")))
             raise KeyboardInterrupt("simulated kill")
         return real_call(self, batch)
 
     monkeypatch.setattr(Sam2Compute, "__call__", dying_call)
     with pytest.raises(KeyboardInterrupt):
-        run_in(cwd, world, dtype="fp16", batch_size=1)
+        run_in(cwd, world, dtype="fp16", batch_size=1, shard_mb=ONE_PER_SHARD)
     assert not (cwd / "out").exists()  # nothing partial at the output path
+    assert len(list((cwd / ".featcache" / "scratch").rglob("*.h5"))) == 2  # sa_1.jpg, sa_1.png
     calls.clear()
     monkeypatch.setattr(Sam2Compute, "__call__", lambda self, b: calls.append(1) or
                         real_call(self, b))
-    result = run_in(cwd, world, dtype="fp16", batch_size=1)
-    assert calls == [1] and result.resumed == 2  # sa_1.jpg and sa_1.png came from scratch
+    result = run_in(cwd, world, dtype="fp16", batch_size=1, shard_mb=ONE_PER_SHARD)
+    assert calls == [1] and (result.computed, result.reused) == (2, 2)  # sa_2 forward, sa_3
     assert tree_bytes(cwd / "out") == tree_bytes(fp16_run[0])
-    assert not any((cwd / ".featcache").rglob("chunk_*.npz"))  # scratch removed after success
+    assert not list((cwd / ".featcache" / "scratch").rglob("*.h5"))  # moved into the output
 
 
-def wait_for(condition, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "the background chunk writer never finished"
-        time.sleep(0.05)
+def test_an_added_image_costs_one_forward_and_equals_a_fresh_run(world, fp16_run,
+                                                                 monkeypatch) -> None:
+    """sa_2.png missing, then added: the second run computes it alone (the other three
+    images, failures included, are reused) and equals the fp16 run on the full folder."""
+    cwd = world["root"] / "incremental"
+    aside = world["root"] / "sa_2.png"
+    os.replace(world["images"] / "sa_2.png", aside)
+    try:
+        first = run_in(cwd, world, dtype="fp16", shard_mb=ONE_PER_SHARD)
+    finally:
+        os.replace(aside, world["images"] / "sa_2.png")
+    assert (first.items, first.computed, first.records) == (3, 3, 1)
+    calls: list[int] = []
+    real_call = Sam2Compute.__call__
+    monkeypatch.setattr(Sam2Compute, "__call__", lambda self, b: calls.append(len(b.keys)) or
+                        real_call(self, b))
+    added = run_in(cwd, world, dtype="fp16", shard_mb=ONE_PER_SHARD)
+    assert (added.items, added.computed, added.reused) == (4, 1, 3) and len(calls) == 1
+    metrics = json.loads((cwd / "metrics" / f"{STAGE}.json").read_text())
+    assert (metrics["computed"], metrics["reused"]) == (1, 3)
+    assert tree_bytes(cwd / "out") == tree_bytes(fp16_run[0])
+
+
+def test_verify_checks_pass_on_both_layouts_and_fail_on_wrong_data(world, fp16_run, npz_run,
+                                                                   tmp_path) -> None:
+    import h5py
+
+    shared = SharedParams(weights=str(world["ckpt"]), device="cpu")
+
+    def failed(folder: Path) -> list[str]:
+        report = Report()
+        check_sam2(report, folder, shared)
+        assert report.checks["sam2.shapes"].items > 0
+        return report.failed
+
+    assert failed(fp16_run[0]) == [] and failed(npz_run[0]) == []
+    shards = tmp_path / "shards"
+    shutil.copytree(fp16_run[0], shards)
+    index = read_index(shards)
+    with h5py.File(shards / SHARDS_DIR / index[3][int(index[1][0])], "r+") as f:
+        f["feature_flag"][0] = 0
+    assert failed(shards) == ["sam2.flags"]
+    npz = tmp_path / "npz"
+    shutil.copytree(npz_run[0], npz)
+    with np.load(npz / "sa_2_features.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["IMAGE_EMB_S16"] = arrays["IMAGE_EMB_S16"] + np.float16(1)
+    np.savez(npz / "sa_2_features.npz", **arrays)
+    assert failed(npz) == ["sam2.npz_view"]
+    (npz / "sa_1_features.npz").unlink()
+    report = Report()
+    check_sam2(report, npz, shared)
+    assert any("sa_1_features.npz: missing" in p
+               for p in report.checks["sam2.npz_view"].first_problems)
 
 
 def test_job_pickles_and_preprocesses_any_aspect(world) -> None:
@@ -231,8 +346,9 @@ def test_missing_level_stops_instead_of_writing() -> None:
 @pytest.mark.parametrize("key,value,match", [
     ("config", "sam3_hiera_t", "extract_sam2.config: unknown SAM2 config"),
     ("dtype", "bf16", "extract_sam2.dtype"),
-    ("batch_size", 0, "extract_sam2.batch_size"),
+    ("batch_size", 0, "runtime.extract_sam2.batch_size"),
     ("resize", "crop", "extract_sam2.resize: unknown key"),
+    ("layout", "hdf5", "extract_sam2.layout"),
 ])
 def test_bad_params_name_the_key(tmp_path, monkeypatch, key, value, match) -> None:
     write_params(tmp_path, {"images": "imgs", "out": "out", key: value})

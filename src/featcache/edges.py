@@ -6,8 +6,11 @@ Per image: decode every annotation's RLE, take its morphological gradient with a
 resize the float map to each ``size x size`` with ``INTER_AREA`` and threshold ``> 0``. The image
 border is not an edge: OpenCV pads erosion with the maximum value.
 
-Output per image (``<stem>_edges.npz``): ``edge_<s>x<s>`` uint8 0/1 ``(s, s)`` for each size,
-``edge_flag`` uint8 ``1`` and ``edge_version`` str ``'B_v1'`` (the seed's keys and flags).
+Output: the sharded folder ``<out>/`` (``index.h5``, ``shards/*.h5``; read it with
+``featcache.open_features(out)[stem]``, a dict of the fields below), one item per image keyed by
+its stem: ``edge_<s>x<s>`` uint8 0/1 ``(s, s)`` for each size, ``edge_flag`` uint8 ``1`` and
+``edge_version`` str ``'B_v1'`` (the seed's keys and flags). ``layout: npz`` also writes the
+seed's ``<out>/<stem>_edges.npz`` per image with the same arrays (and ``<out>/provenance.json``).
 Model-free and CPU-only: the engine's DataLoader workers compute whole images in parallel.
 """
 
@@ -38,11 +41,13 @@ OUTPUT_SUFFIX = "_edges"
 class EdgeParams(EngineParams):
     """The ``edge_maps_methodB`` section of params.yaml.
 
-    ``sa1b``: folder of ``sa_<n>.jpg`` + ``sa_<n>.json``; ``out``: folder of ``<stem>_edges.npz``;
+    ``sa1b``: folder of ``sa_<n>.jpg`` + ``sa_<n>.json``; ``out``: the output folder (sharded);
     ``kernel_size``: odd, >= 3 (1 gives no edge at all, an even kernel is not centred on the
     pixel and shifts the edge by half a pixel); ``sizes``: output side lengths, unique;
-    ``compression``: ``gzip`` deflates the NPZ entries (0/1 maps shrink 10-30x for < 1 ms per
-    image; ``np.load`` reads both kinds), ``none`` stores them raw.
+    ``compression``: ``gzip`` deflates the maps in the shards (HDF5 gzip + shuffle) and the NPZ
+    entries (0/1 maps shrink 10-30x for < 1 ms per image; both readers read both kinds),
+    ``none`` stores them raw; ``layout``: ``shards`` (default) or ``npz`` (also the seed's
+    ``<stem>_edges.npz`` per image in ``out``).
     """
 
     sa1b: str
@@ -50,6 +55,7 @@ class EdgeParams(EngineParams):
     kernel_size: int = 3
     sizes: tuple[int, ...] = (256, 64, 32)
     compression: Literal["none", "gzip"] = "gzip"
+    layout: Literal["shards", "npz"] = "shards"
 
     def validate(self) -> None:
         super().validate()
@@ -137,7 +143,7 @@ class EdgeJob:
     """Model-free engine job: one item per image file name in ``folder``, one piece per image.
 
     ``duplicates`` maps an image name to the earlier image with the same stem (reported as a
-    failure: both would write ``<stem>_edges.npz``).
+    failure: both would be the item ``<stem>``).
     """
 
     folder: Path
@@ -148,6 +154,15 @@ class EdgeJob:
 
     def items(self) -> list[str]:
         return list(self.images)
+
+    def signature(self, item: str) -> str:
+        """The image (its header gives the size checked against the JSON) and its JSON, by
+        content, and which earlier image it duplicates (if any)."""
+        from featcache.engine import file_signature
+
+        image = self.folder / item
+        return file_signature([image, json_path_for(image)],
+                              extra=self.duplicates.get(item, ""))
 
     def load(self, item: str) -> list[Piece | Failure]:
         if item in self.duplicates:
@@ -172,8 +187,13 @@ def build_edge_job(params: EdgeParams) -> EdgeJob:
                    tuple(params.sizes))
 
 
+def edge_item_bytes(params: EdgeParams) -> int:
+    """Bytes one image stores (its uint8 maps; from params, never from the data)."""
+    return sum(s * s for s in params.sizes)
+
+
 def edge_provenance(params: EdgeParams) -> dict[str, object]:
-    """What the edge maps depend on, stored in ``<out>/provenance.json``."""
+    """What the edge maps depend on, stored in the output's provenance."""
     return {
         "method": "B", "edge_version": EDGE_VERSION, "sa1b": params.sa1b,
         "kernel_size": params.kernel_size, "sizes": list(params.sizes),
@@ -185,25 +205,26 @@ def edge_provenance(params: EdgeParams) -> dict[str, object]:
 
 
 def run_edge_maps(params: EdgeParams) -> RunResult:
-    """Write ``<out>/<stem>_edges.npz`` for every image of ``params.sa1b``.
+    """Write the sharded output ``params.out`` (one item per image of ``params.sa1b``; with
+    ``layout: npz`` also ``<out>/<stem>_edges.npz`` and ``<out>/provenance.json``).
 
-    Also writes ``<out>/provenance.json``, ``<out>/failures.tsv`` and
-    ``metrics/edge_maps_methodB.json`` (relative to the working directory), then raises
-    ``TooManyFailures`` if more than ``max_failures`` images failed. Resumes an interrupted run
-    with the same params and inputs from the engine's scratch area.
+    Also writes ``<out>/failures.tsv`` and the metrics JSON (``params.metrics``), then raises
+    ``TooManyFailures`` if more than ``max_failures`` images failed. Images whose image, JSON
+    and params match an earlier run's are reused, not recomputed (a killed run resumes, an
+    added image costs one image of work).
     """
-    from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
+    from featcache.engine import WriterOptions, finish_stage, run_job
 
     job = build_edge_job(params)
-    images = [job.folder / name for name in job.images]
-    method = params.method_params()
-    fingerprint = {"params": method,
-                   "inputs": file_signature(images + [json_path_for(p) for p in images])}
-    result = run_job(job, None, stage=STAGE, out=params.out, writer="npz",
+    # out and layout decide where the rows go and which view is added, not their bits; the
+    # options are the same in both layouts, so that switching the layout reuses every shard
+    method = {k: v for k, v in params.method_params().items() if k not in ("out", "layout")}
+    result = run_job(job, None, stage=STAGE, out=params.out, writer=params.layout,
                      writer_options=WriterOptions(compression=params.compression,
                                                   suffix=OUTPUT_SUFFIX),
-                     provenance=edge_provenance(params), fingerprint=fingerprint, params=params)
-    log.info("%s: %d images, %d written, %d failed", STAGE, result.items, result.records,
-             result.failed)
+                     provenance=edge_provenance(params), fingerprint={"params": method},
+                     params=params, item_bytes=edge_item_bytes(params))
+    log.info("%s: %d images, %d computed, %d reused, %d written, %d failed", STAGE,
+             result.items, result.computed, result.reused, result.records, result.failed)
     finish_stage(STAGE, params.out, [result], params)
     return result

@@ -6,18 +6,24 @@ by :func:`featcache.images.load_image` (EXIF orientation applied, alpha ignored 
 ``convert("RGB")`` does), squashed to the encoder's square input (1024) by SAM2's own transform
 and encoded in batches across images; any size and aspect ratio works.
 
-Output per image ``<out>/<stem>_features.npz`` (the seed's keys):
+Output: the sharded folder ``<out>/`` (``index.h5``, ``shards/*.h5``; read it with
+``featcache.open_features(out, field="P4_S16")[stem]``), one item per image keyed by its stem:
 
-- ``P4_S16``: ``backbone_fpn[2]``, ``(256, 64, 64)``, stride 16;
+- ``P4_S16``: ``backbone_fpn[2]``, ``(256, 64, 64)``, stride 16 (the map to read);
 - ``P5_S32``: ``backbone_fpn[3]``, ``(256, 32, 32)``, stride 32 (the encoder is built with
   ``scalp=0``; the official configs' ``scalp: 1`` drops this level, P4 is the same either way);
-- ``IMAGE_EMB_S16``: a copy of ``P4_S16`` (compatibility key of the seed);
 - ``feature_flag``: int64 scalar ``1``.
+
+``layout: npz`` also writes the seed's ``<out>/<stem>_features.npz`` per image (and
+``<out>/provenance.json``), with the keys above plus ``IMAGE_EMB_S16``, the seed's compatibility
+key: a byte copy of ``P4_S16``, written into the NPZ files only (never stored twice in the
+shards; read ``P4_S16``).
 
 Float maps are stored in ``dtype`` (fp16 by default, or fp32); rows are ``y`` (down), columns
 ``x`` (right) of the squashed input. These are the raw ``backbone_fpn`` levels: SAM2's predictor
-applies ``conv_s0``/``conv_s1`` and ``no_mem_embed`` on top, the cache does not (recorded in
-``<out>/provenance.json``). A file that cannot be decoded is a ``failures.tsv`` row, never a file.
+applies ``conv_s0``/``conv_s1`` and ``no_mem_embed`` on top, the cache does not (recorded in the
+output's provenance). A file that cannot be decoded is a ``<out>/failures.tsv`` row, never an
+item.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ STAGE = "extract_sam2"
 OUTPUT_SUFFIX = "_features"
 FEATURE_FLAG = 1
 LEVELS = ("P4_S16", "P5_S32")  # (256, 64, 64) and (256, 32, 32) at the 1024 input
+NPZ_ALIASES = {"IMAGE_EMB_S16": "P4_S16"}  # the seed's copy of P4, in the npz layout only
 
 
 def known_configs() -> tuple[str, ...]:
@@ -58,15 +65,18 @@ def known_configs() -> tuple[str, ...]:
 class Sam2Params(ModelParams):
     """The ``extract_sam2`` section of params.yaml.
 
-    ``images``: folder of images; ``out``: folder of ``<stem>_features.npz``; ``config``: SAM2
+    ``images``: folder of images; ``out``: the output folder (sharded); ``config``: SAM2
     config name (``sam2.1_hiera_t``, ``sam2.1_hiera_b+``, ...); ``dtype``: storage dtype of the
-    float maps. The weights and seed are the shared top-level ``weights`` and ``seed``.
+    float maps; ``layout``: ``shards`` (default) or ``npz`` (also the seed's
+    ``<stem>_features.npz`` per image in ``out``). The weights and seed are the shared
+    top-level ``weights`` and ``seed``.
     """
 
     images: str
     out: str
     config: str = "sam2.1_hiera_t"
     dtype: Literal["fp16", "fp32"] = "fp16"
+    layout: Literal["shards", "npz"] = "shards"
 
     def validate(self) -> None:
         super().validate()
@@ -82,7 +92,7 @@ class Sam2Job:
     """Engine job: one item per image file name in ``folder``, one piece per image.
 
     ``duplicates`` maps an image name to the earlier image with the same stem (a failure: both
-    would write ``<stem>_features.npz``). Picklable: holds the preprocessor, never the model.
+    would be the item ``<stem>``). Picklable: holds the preprocessor, never the model.
     """
 
     folder: Path
@@ -92,6 +102,13 @@ class Sam2Job:
 
     def items(self) -> list[str]:
         return list(self.images)
+
+    def signature(self, item: str) -> str:
+        """The image file's content, and which earlier image it duplicates (if any): removing
+        that one turns this item from a failure into features."""
+        from featcache.engine import file_signature
+
+        return file_signature([self.folder / item], extra=self.duplicates.get(item, ""))
 
     def load(self, item: str) -> list[Piece | Failure]:
         """Decode and preprocess one image: a piece with ``tensor [3, S, S] float32``."""
@@ -125,7 +142,7 @@ def compute_precision(device: torch.device, dtype: str, requested: str = "auto")
 
 
 class Sam2Compute:
-    """Batch of preprocessed images -> the fields of ``<stem>_features.npz``, on the CPU.
+    """Batch of preprocessed images -> the stored fields of each image, on the CPU.
 
     Runs the encoder under :func:`autocast_for` with ``precision`` (see
     :func:`compute_precision`).
@@ -146,8 +163,9 @@ class Sam2Compute:
 
 
 def feature_fields(levels: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """``{"P4_S16": [B,256,S/16,S/16], "P5_S32": [B,256,S/32,S/32]}`` float32 -> the output
-    fields (``IMAGE_EMB_S16`` = P4, ``feature_flag`` int64 ``[B]`` of ones).
+    """``{"P4_S16": [B,256,S/16,S/16], "P5_S32": [B,256,S/32,S/32]}`` float32 -> the stored
+    fields (the two levels and ``feature_flag`` int64 ``[B]`` of ones; ``IMAGE_EMB_S16`` is
+    added by the npz layout's writer, see :data:`NPZ_ALIASES`).
 
     Raises ``RuntimeError`` if a level is missing or mis-shaped (an encoder built with
     ``scalp=1`` has no P5): a wrong build must stop the run, not write wrong files.
@@ -160,21 +178,30 @@ def feature_fields(levels: Mapping[str, np.ndarray], size: int) -> dict[str, np.
             raise RuntimeError(f"SAM2 encoder level {name}: expected [B, *{want}], got {got}")
     p4, p5 = levels["P4_S16"], levels["P5_S32"]
     flag = np.full(len(p4), FEATURE_FLAG, dtype=np.int64)
-    return {"P4_S16": p4, "P5_S32": p5, "IMAGE_EMB_S16": p4, "feature_flag": flag}
+    return {"P4_S16": p4, "P5_S32": p5, "feature_flag": flag}
+
+
+def sam2_item_bytes(size: int, dtype: str) -> int:
+    """Bytes one image stores at input ``size`` (P4 + P5 in the storage dtype; from params,
+    never from the data): 256*64*64*2 + 256*32*32*2 for fp16 at 1024."""
+    itemsize = 2 if dtype == "fp16" else 4
+    return 256 * ((size // 16) ** 2 + (size // 32) ** 2) * itemsize
 
 
 def sam2_provenance(encoder: Encoder, params: Sam2Params, precision: str) -> dict[str, Any]:
-    """``<out>/provenance.json``: the encoder's provenance plus what each key is."""
+    """The output's provenance: the encoder's, plus what each stored key is."""
+    keys = {
+        "P4_S16": "image_encoder(x)['backbone_fpn'][2], (256, S/16, S/16); read this one",
+        "P5_S32": "image_encoder(x)['backbone_fpn'][3], (256, S/32, S/32), built with scalp=0",
+        "feature_flag": "int64 1",
+    }
+    if params.layout == "npz":
+        keys["IMAGE_EMB_S16"] = ("npz files only: a byte copy of P4_S16 (the seed's "
+                                 "compatibility key); not stored in the shards")
     return {
         **encoder.provenance(),
         "config": params.config, "images": params.images, "dtype": params.dtype,
-        "compute_precision": precision,
-        "keys": {
-            "P4_S16": "image_encoder(x)['backbone_fpn'][2], (256, S/16, S/16)",
-            "P5_S32": "image_encoder(x)['backbone_fpn'][3], (256, S/32, S/32), built with scalp=0",
-            "IMAGE_EMB_S16": "copy of P4_S16 (compatibility key)",
-            "feature_flag": "int64 1",
-        },
+        "compute_precision": precision, "keys": keys,
         "raw_levels": "raw backbone_fpn levels: SAM2's conv_s0/conv_s1 (mask decoder) and "
                       "no_mem_embed are NOT applied",
         "input": "load_image RGB (EXIF applied, alpha ignored), squashed to S x S "
@@ -182,26 +209,26 @@ def sam2_provenance(encoder: Encoder, params: Sam2Params, precision: str) -> dic
     }
 
 
-def sam2_fingerprint(job: Sam2Job, params: Sam2Params, encoder: Encoder,
-                     precision: str) -> dict[str, Any]:
-    """Everything that determines the features (for the engine's resume scratch): the method
-    params (not the engine knobs), spec, weights identity, device type, precision, inputs."""
-    from featcache.engine import file_signature
-
-    return {"params": params.method_params(),
+def sam2_fingerprint(params: Sam2Params, encoder: Encoder, precision: str) -> dict[str, Any]:
+    """Everything but the images that determines the features (the shards' identity): the
+    method params (not the engine knobs, nor ``out`` and ``layout``, which decide where the
+    rows go and which view is added, not their bits), spec, weights identity, device type,
+    precision. Each image's content enters through :meth:`Sam2Job.signature`."""
+    method = {k: v for k, v in params.method_params().items() if k not in ("out", "layout")}
+    return {"params": method,
             "spec": encoder.spec.to_dict(), "weights_id": encoder.weights_id,
-            "device": next(encoder.parameters()).device.type, "precision": precision,
-            "inputs": file_signature(job.folder / name for name in job.images)}
+            "device": next(encoder.parameters()).device.type, "precision": precision}
 
 
 def extract_sam2(shared: SharedParams, params: Sam2Params) -> RunResult:
-    """Write ``<out>/<stem>_features.npz`` for every image of ``params.images``.
+    """Write the sharded output ``params.out`` (one item per image of ``params.images``; with
+    ``layout: npz`` also ``<out>/<stem>_features.npz`` and ``<out>/provenance.json``).
 
-    Also writes ``<out>/provenance.json``, ``<out>/failures.tsv`` and
-    ``metrics/extract_sam2.json`` (relative to the working directory), then raises
+    Also writes ``<out>/failures.tsv`` and the metrics JSON (``params.metrics``), then raises
     ``TooManyFailures`` if more than ``max_failures`` images failed. Every parameter problem
     (config, weights, device, images folder) raises :class:`ParamError` before the model is
-    built. Resumes an interrupted run with the same params, weights and inputs.
+    built. Images whose content, params and weights match an earlier run's are reused, not
+    recomputed (a killed run resumes, an added image costs one forward).
     """
     from featcache.encoders import Preprocessor, load_encoder, resolve_device, resolve_spec
     from featcache.engine import WriterOptions, finish_stage, run_job
@@ -213,13 +240,15 @@ def extract_sam2(shared: SharedParams, params: Sam2Params) -> RunResult:
     job = build_sam2_job(params, Preprocessor(spec))
     encoder = load_encoder(spec, device)
     precision = compute_precision(device, params.dtype, params.precision)
+    # the same options in both layouts, so that switching the layout reuses every shard
+    options = WriterOptions(dtype=params.dtype, suffix=OUTPUT_SUFFIX, aliases=NPZ_ALIASES)
     result = run_job(job, Sam2Compute(encoder, device, precision), stage=STAGE,
-                     out=params.out, writer="npz",
-                     writer_options=WriterOptions(dtype=params.dtype, suffix=OUTPUT_SUFFIX),
+                     out=params.out, writer=params.layout, writer_options=options,
                      provenance=sam2_provenance(encoder, params, precision),
-                     fingerprint=sam2_fingerprint(job, params, encoder, precision),
-                     params=params, device=device)
-    log.info("%s: %d images, %d written, %d failed", STAGE, result.items, result.records,
-             result.failed)
+                     fingerprint=sam2_fingerprint(params, encoder, precision),
+                     params=params, device=device,
+                     item_bytes=sam2_item_bytes(spec.input_size[0], params.dtype))
+    log.info("%s: %d images, %d computed, %d reused, %d written, %d failed", STAGE,
+             result.items, result.computed, result.reused, result.records, result.failed)
     finish_stage(STAGE, params.out, [result], params)
     return result

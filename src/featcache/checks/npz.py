@@ -1,10 +1,12 @@
-"""Checks of the NPZ-folder outputs: ``extract_sam2``, ``edge_maps_methodB``,
-``build_uv_index`` and ``sample_point_feats``."""
+"""Checks of the per-item outputs (sharded folders, and their per-item NPZ files where the
+layout writes them): ``extract_sam2``, ``edge_maps_methodB``, ``build_uv_index`` and
+``sample_point_feats``."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,8 @@ from featcache.reader import FeatureStore, open_features
 
 def open_npz_output(report: Report, kind: str, folder: Path,
                     ) -> tuple[FeatureStore | None, dict[str, set[str]]]:
-    """An NPZ output folder as a store (None when it is missing or unreadable) and its
-    failure rows."""
+    """An output folder (sharded, or an NPZ folder) as a store (None when it is missing or
+    unreadable) and its failure rows."""
     readable = report(f"{kind}.readable")
     if not readable.expect(folder.is_dir(), f"{folder}: not found"):
         return None, {}
@@ -51,8 +53,53 @@ def image_coverage(check: Check, store: FeatureStore, images: Path, failed: set[
                    failed)
 
 
+def npz_view_items(report: Report, kind: str, folder: Path, store: FeatureStore, suffix: str,
+                   aliases: Mapping[str, str] | None = None,
+                   ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """Layout ``npz``: ``(file name, arrays)`` of every ``<key><suffix>.npz`` in ``folder``.
+
+    ``<kind>.npz_view`` checks that the files are exactly the store's keys and that each
+    holds the store's arrays (same dtype and bits), plus each alias as a copy of its source
+    field and nothing else; the caller runs its own per-item checks on what is yielded too.
+    """
+    view_check, readable = report(f"{kind}.npz_view"), report(f"{kind}.readable")
+    aliases = aliases or {}
+    view = None
+    with problems_to(readable, f"{folder.name} (npz files)"):
+        view = open_features(folder, layout="npz", suffix=suffix)
+    if view is None:
+        return
+    for key in sorted(set(store) ^ set(view)):
+        view_check.expect(False, f"{key}{suffix}.npz: " + (
+            "missing" if key in store else "a file for a key the output does not have"))
+    for key in sorted(set(store) & set(view)):
+        view_check.items += 1
+        name = f"{key}{suffix}.npz"
+        try:
+            arrays, stored = view[key], store[key]
+        except READ_ERRORS as e:
+            readable.expect(False, f"{name}: {type(e).__name__}: {e}")
+            continue
+        for field, value in stored.items():
+            got = arrays.get(field)
+            view_check.expect(got is not None and got.dtype == value.dtype
+                              and np.array_equal(got, value),
+                              f"{name}: {field} differs from the shards' {field}")
+        for alias, source in aliases.items():
+            view_check.expect(alias in arrays
+                              and np.array_equal(arrays[alias], stored.get(source)),
+                              f"{name}: {alias} is not a copy of {source}")
+        extra = sorted(set(arrays) - set(stored) - set(aliases))
+        view_check.expect(not extra, f"{name}: entries {extra} the shards do not have")
+        yield name, arrays
+
+
 def check_sam2(report: Report, folder: Path, shared: SharedParams) -> None:
-    """extract_sam2: P4/P5 shapes at the recorded input size and dtype, flags, coverage."""
+    """extract_sam2: P4/P5 shapes at the recorded input size and dtype, flags, coverage; with
+    the npz layout also every ``<stem>_features.npz`` (the shards' arrays, ``IMAGE_EMB_S16``
+    a copy of ``P4_S16``)."""
+    from featcache.sam2_features import NPZ_ALIASES, OUTPUT_SUFFIX
+
     store, failed = open_npz_output(report, "sam2", folder)
     if store is None:
         return
@@ -63,24 +110,27 @@ def check_sam2(report: Report, folder: Path, shared: SharedParams) -> None:
         check_provenance(report("sam2.provenance"), folder.name, prov, shared)
         shapes, flags = report("sam2.shapes"), report("sam2.flags")
         p4, p5 = (256, size // 16, size // 16), (256, size // 32, size // 32)
-        for key, arrays in npz_items(report, "sam2", store):
+        items = npz_items(report, "sam2", store)
+        if prov.get("layout") == "npz":
+            items = chain(items, npz_view_items(report, "sam2", folder, store, OUTPUT_SUFFIX,
+                                                 NPZ_ALIASES))
+        for key, arrays in items:
             shapes.items += 1
-            for name, shape in (("P4_S16", p4), ("P5_S32", p5), ("IMAGE_EMB_S16", p4)):
+            for name, shape in (("P4_S16", p4), ("P5_S32", p5)):
                 expect_array(shapes, f"{key} {name}", arrays.get(name), shape, dtype)
             flags.items += 1
             flag = arrays.get("feature_flag")
             flags.expect(flag is not None and flag.shape == () and int(flag) == 1,
                          f"{key}: feature_flag is {flag!r}, expected 1")
-            flags.expect(np.array_equal(arrays.get("IMAGE_EMB_S16"), arrays.get("P4_S16")),
-                         f"{key}: IMAGE_EMB_S16 differs from P4_S16")
         with problems_to(report("sam2.coverage"), "images"):
             image_coverage(report("sam2.coverage"), store, Path(prov["images"]),
                            all_failed(failed))
 
 
 def check_edges(report: Report, folder: Path) -> None:
-    """edge_maps_methodB: one uint8 0/1 map per recorded size, flags, coverage."""
-    from featcache.edges import EDGE_VERSION, edge_key
+    """edge_maps_methodB: one uint8 0/1 map per recorded size, flags, coverage; with the npz
+    layout also every ``<stem>_edges.npz`` (the shards' arrays)."""
+    from featcache.edges import EDGE_VERSION, OUTPUT_SUFFIX, edge_key
 
     store, failed = open_npz_output(report, "edges", folder)
     if store is None:
@@ -91,7 +141,10 @@ def check_edges(report: Report, folder: Path) -> None:
         sizes = [int(s) for s in prov["sizes"]]
         flags.expect(prov.get("edge_version") == EDGE_VERSION,
                      f"provenance: edge_version {prov.get('edge_version')!r}")
-        for key, arrays in npz_items(report, "edges", store):
+        items = npz_items(report, "edges", store)
+        if prov.get("layout") == "npz":
+            items = chain(items, npz_view_items(report, "edges", folder, store, OUTPUT_SUFFIX))
+        for key, arrays in items:
             shapes.items += 1
             binary.items += 1
             for size in sizes:

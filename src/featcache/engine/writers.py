@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -33,11 +33,17 @@ _FLOAT_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 @dataclass(frozen=True)
 class WriterOptions:
-    """How arrays are stored. ``dtype`` casts floating fields (``None`` keeps them)."""
+    """How arrays are stored. ``dtype`` casts floating fields (``None`` keeps them).
+
+    ``suffix`` ends the per-item NPZ file names (``{key}{suffix}.npz``); ``aliases`` maps an
+    extra NPZ entry to the field it copies (``{"IMAGE_EMB_S16": "P4_S16"}``): a seed's
+    compatibility key, written into the per-item files only, never stored twice in the shards.
+    """
 
     dtype: Literal["fp16", "fp32"] | None = None
     compression: Literal["none", "lzf", "gzip"] = "none"
     suffix: str = ""
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
 
 def cast(array: np.ndarray, dtype: str | None) -> np.ndarray:
@@ -120,7 +126,8 @@ class NpyWriter(Writer):
 
 
 class NpzWriter(Writer):
-    """A folder: one ``{key}{suffix}.npz`` per key holding every field, and ``provenance.json``."""
+    """A folder: one ``{key}{suffix}.npz`` per key holding every field (then each alias of
+    ``options.aliases``, a copy of its source field), and ``provenance.json``."""
 
     name = "npz"
     is_dir = True
@@ -129,12 +136,16 @@ class NpzWriter(Writer):
                  options: WriterOptions = WriterOptions()) -> None:
         super().__init__(path, provenance=provenance, options=options)
         self.provenance["suffix"] = options.suffix
+        if options.aliases:
+            self.provenance["aliases"] = dict(options.aliases)
         self.path.mkdir(parents=True, exist_ok=True)
 
     def write(self, keys: Sequence[str], arrays: Arrays) -> None:
         for i, key in enumerate(keys):
-            record = {field: cast(values[i], self.options.dtype)
-                      for field, values in arrays.items()}
+            record = {name: cast(values[i], self.options.dtype)
+                      for name, values in arrays.items()}
+            record.update({alias: record[source] for alias, source
+                           in self.options.aliases.items() if source in record})
             save_npz(self.path / f"{key}{self.options.suffix}.npz", record,
                      compress=self.options.compression != "none")
 
