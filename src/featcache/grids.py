@@ -329,7 +329,7 @@ def run_split(plan: GridPlan, params: GridParams, split: str, folder: Path, path
     result = run_job(job, compute, stage=plan.stage, out=out, writer=params.layout,
                      writer_options=WriterOptions(dtype=params.dtype,
                                                   compression=params.compression),
-                     provenance=prov, fingerprint={"provenance": prov}, params=params,
+                     provenance=prov, fingerprint=method_identity(prov), params=params,
                      device=compute.device, item_bytes=compute.item_bytes(params.dtype))
     log.info("%s %s: %d images, %d computed, %d reused, %d written, %d failed", plan.stage,
              split, result.items, result.computed, result.reused, result.records,
@@ -337,6 +337,13 @@ def run_split(plan: GridPlan, params: GridParams, split: str, folder: Path, path
     if params.save_meta and result.finalized and init_distributed().is_main:
         write_meta_files(out, job, prov)
     return result
+
+
+def method_identity(provenance: dict[str, Any]) -> dict[str, Any]:
+    """What a grid depends on besides its image: the provenance without the split's name and
+    folder (they choose the images; each image's content signature stands for it), so a split
+    moved or renamed reuses its shards."""
+    return {k: v for k, v in provenance.items() if k not in ("split", "images")}
 
 
 def grid_provenance(plan: GridPlan, params: GridParams, split: str, folder: Path, rule: KeyRule,

@@ -336,8 +336,10 @@ def extract_siglip(shared: SharedParams, params: SiglipParams) -> RunResult:
     encoder = load_encoder(spec, device)
     compute = SiglipCompute(encoder, device, with_ids=params.layout != "npy",
                             precision=params.precision)
-    fingerprint = {"params": method_params(params), "spec": spec.to_dict(),
-                   "weights_id": encoder.weights_id}
+    # where the split lives and where the output goes choose the items, not their rows: the
+    # items' content signatures stand for them, so a moved dataset reuses its shards
+    method = {k: v for k, v in method_params(params).items() if k not in ("coco", "split", "out")}
+    fingerprint = {"params": method, "spec": spec.to_dict(), "weights_id": encoder.weights_id}
     result = run_siglip(job, compute, params, siglip_provenance(params, encoder), fingerprint)
     if init_distributed().is_main:  # other ranks hold no assembled counts
         log.info("%s: %d images, %d embeddings, %d images with failures", STAGE,

@@ -157,9 +157,9 @@ def write_shard(path: Path, content: ShardContent, compression: Mapping[str, Any
     return written
 
 
-def _chunks(row_shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+def _chunks(rows: int, row_shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize)
-    return (max(1, min(4096, ROW_CHUNK_BYTES // row_bytes)), *row_shape)
+    return (max(1, min(rows, 4096, ROW_CHUNK_BYTES // row_bytes)), *row_shape)
 
 
 def _write_field(f: h5py.File, name: str, values: list[np.ndarray | None],
@@ -180,7 +180,7 @@ def _write_field(f: h5py.File, name: str, values: list[np.ndarray | None],
         # HDF5 view's virtual datasets read it fastest)
         kwargs = dict(compression) if data.ndim > 1 and data.size else {}
         f.create_dataset(name, data=data, track_times=False,
-                         chunks=_chunks(first.shape, first.itemsize) if kwargs else None,
+                         chunks=_chunks(len(data), first.shape, first.itemsize) if kwargs else None,
                          **kwargs)
         return data.nbytes
     dtype = np.result_type(*present)
