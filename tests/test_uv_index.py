@@ -377,10 +377,6 @@ def test_changed_inputs_recompute_exactly_the_frames_that_read_them(scannet_root
     assert build_uv_index(params).computed == 0
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True,
-                   reason="engine bug: featcache.engine.shards._chunks asks for more chunk rows "
-                          "than a small shard has (e.g. (4096, 2) for image_size (n, 2)), which "
-                          "h5py refuses; remove this mark when _chunks caps rows at len(data)")
 def test_gzip_compression_stores_the_same_arrays_in_smaller_files(scannet_root, tmp_path,
                                                                  monkeypatch):
     sizes, shard_sizes, arrays = {}, {}, {}
