@@ -255,7 +255,8 @@ def detect_layout(path: Path) -> str:
         return "npy"
     if any(_npz_files(path)):
         return "npz"
-    raise ValueError(f"{path}: a folder with neither index.tsv (npy) nor .npz files")
+    raise ValueError(f"{path}: a folder with no index.h5 (shards), index.tsv (npy) or .npz "
+                     "files")
 
 
 def _h5_attr(path: Path, name: str) -> str | None:
