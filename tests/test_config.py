@@ -44,8 +44,8 @@ def load(tmp_path, section: dict, **shared):
 
 
 def test_valid_section_loads_into_typed_dataclass(tmp_path):
-    shared, p = load(tmp_path, {"out": "x", "ratio": 1, "splits": [{"name": "a", "images": "b"}],
-                                "batch_size": 4}, model="ViT-L-14")
+    shared, p = load(tmp_path, {"out": "x", "ratio": 1, "splits": [{"name": "a", "images": "b"}]},
+                     model="ViT-L-14", runtime={"download": {"batch_size": 4}})
     assert shared.model == "ViT-L-14" and shared.weights == "random"
     assert p.ratio == 1.0 and isinstance(p.ratio, float)
     assert p.splits == [Split(name="a", images="b")] and p.batch_size == 4
@@ -58,10 +58,12 @@ def test_valid_section_loads_into_typed_dataclass(tmp_path):
     ({"out": "x", "layout": "zarr"}, {}, "download.layout", "'hdf5', 'npy'"),
     ({"out": "x", "sizes": [256, "64"]}, {}, "download.sizes[1]", "integer"),
     ({"out": "x", "splits": [{"name": "a"}]}, {}, "download.splits[0].images", "missing"),
-    ({"out": "x", "batch_size": 0}, {}, "download.batch_size", ">= 1"),
+    ({"out": "x", "batch_size": 4}, {}, "download.batch_size", "runtime.download.batch_size"),
+    ({"out": "x"}, {"runtime": {"batch_size": 0}}, "runtime.batch_size", ">= 1"),
     ({"out": "x", "grid": True}, {}, "download.grid", "integer"),
     ({}, {}, "download.out", "missing"),
-    ({"out": "x"}, {"device": "gpu"}, "device", "cuda:<index>"),
+    ({"out": "x"}, {"runtime": {"device": "gpu"}}, "runtime.device", "cuda:<index>"),
+    ({"out": "x"}, {"device": "cpu"}, "device", "move it to runtime.device"),
     ({"out": "x"}, {"seed": -1}, "seed", ">= 0"),
 ])
 def test_bad_params_name_the_key_and_what_is_allowed(tmp_path, section, shared, key, hint):
@@ -88,7 +90,10 @@ def test_unknown_top_level_key_is_refused(tmp_path):
 def test_repository_params_yaml_has_only_known_keys():
     from pathlib import Path
 
-    from featcache.config import load_shared, read_params_file
+    from featcache.config import STAGE_SECTIONS, load_shared, read_params_file
 
-    shared = load_shared(read_params_file(Path(__file__).parents[1] / "params.yaml"))
-    assert shared.weights == "random"  # the offline demo default
+    data = read_params_file(Path(__file__).parents[1] / "params.yaml")
+    shared = load_shared(data)
+    assert shared.weights == "random" and shared.device == "auto"  # the offline demo defaults
+    for stage in STAGE_SECTIONS:
+        assert load_shared(data, stage).device == "auto"

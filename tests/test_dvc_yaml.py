@@ -1,5 +1,6 @@
 """dvc.yaml is the DAG of DESIGN.md: each stage's deps are its script plus exactly the src modules
-it imports, its params are its own section (plus shared keys), every path comes from params."""
+it imports, its params are its own section (plus shared keys, never the runtime knobs), every
+path comes from params."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-SHARED = {"model", "weights", "device", "seed"}
+SHARED = {"model", "weights", "seed"}
+RUNTIME_KNOBS = {"runtime", "device", "batch_size", "num_workers"}
 
 spec = importlib.util.spec_from_file_location("stage_deps", ROOT / "scripts" / "stage_deps.py")
 stage_deps = importlib.util.module_from_spec(spec)
@@ -30,7 +32,9 @@ def test_stage_shape(stage):
     assert spec["cmd"] == f"python stages/{stage}.py"
     assert stage in spec["params"] and stage in PARAMS  # stage, script and section share a name
     assert set(spec["params"]) - {stage} <= SHARED
-    assert "device" not in spec["params"]  # where it runs does not change what it computes
+    # where and how fast it runs does not change what it computes
+    assert not RUNTIME_KNOBS & {p.split(".")[0] for p in spec["params"]}, spec["params"]
+    assert not any(p.split(".")[-1] in RUNTIME_KNOBS for p in spec["params"]), spec["params"]
     for path in spec["outs"] + spec.get("deps", []) + spec.get("metrics", []):
         if not path.startswith(("stages/", "src/")):
             assert path.startswith("${") and path.endswith("}"), f"{path}: write it in params.yaml"
@@ -43,6 +47,13 @@ def test_code_deps_are_exactly_the_imported_modules(stage):
     declared = [d for d in DVC[stage]["deps"] if d.startswith(("stages/", "src/"))]
     assert declared == stage_deps.stage_deps(stage), \
         "run `python scripts/stage_deps.py --write` to update dvc.yaml"
+
+
+def test_no_stage_section_holds_a_runtime_knob():
+    assert "runtime" in PARAMS and "device" not in PARAMS
+    for stage in DVC:
+        assert not RUNTIME_KNOBS & set(PARAMS[stage]), f"{stage}: move it to runtime.{stage}"
+    assert set(PARAMS["runtime"]) - RUNTIME_KNOBS <= set(DVC)  # overrides are named by stage
 
 
 def test_featcache_package_is_never_a_whole_dependency():

@@ -239,7 +239,7 @@ def test_stage_script_writes_the_report_then_exits_1(world: Path, copy: Path,
                                                       tmp_path: Path) -> None:
     non_binary_edges(copy)
     params = verify_params(copy, tmp_path / "verify.json")
-    doc = {"model": TINY_OPENCLIP, "weights": "random", "device": "cpu", "seed": 0,
+    doc = {"model": TINY_OPENCLIP, "weights": "random", "seed": 0, "runtime": {"device": "cpu"},
            "verify": dataclasses.asdict(params)}
     params_file = world / "params.yaml"  # the stage runs where the outputs' provenance points
     params_file.write_text(yaml.safe_dump(doc))

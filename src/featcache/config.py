@@ -1,9 +1,17 @@
 """Typed loading of ``params.yaml``.
 
-Every stage reads one section of ``params.yaml`` plus a few shared top-level keys into frozen
-dataclasses. Loading checks everything before any work starts: an unknown key, a wrong type or an
-impossible value raises :class:`ParamError` whose message names the key, what was found and what
-is allowed.
+Every stage reads one section of ``params.yaml`` plus a few shared top-level keys (``model``,
+``weights``, ``seed``) into frozen dataclasses. Loading checks everything before any work starts:
+an unknown key, a wrong type or an impossible value raises :class:`ParamError` whose message names
+the key, what was found and what is allowed.
+
+The ``runtime`` section holds the knobs that say where and how fast a stage runs (``device``,
+``batch_size``, ``num_workers``) and never what it computes, so no stage lists it in dvc.yaml's
+``params`` and changing one invalidates no cache. Its top level holds the defaults; a mapping
+named after a stage overrides them for that stage (see :class:`RuntimeParams`).
+:func:`load_stage_params` puts the merged values where the code reads them: ``shared.device``,
+and ``params.batch_size`` / ``params.num_workers`` when the stage's dataclass has those fields
+(``num_workers: auto`` resolved to a count). A stage section may not hold a runtime knob.
 
 A stage module declares its own section dataclass; :func:`load_stage_params` builds it::
 
@@ -22,6 +30,7 @@ A stage module declares its own section dataclass; :func:`load_stage_params` bui
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,11 +63,13 @@ def require(condition: bool, key: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class SharedParams:
-    """Top-level keys of params.yaml shared by several stages.
+    """Top-level keys of params.yaml shared by several stages, plus the stage's device.
 
     ``model`` is the open_clip model of extract_clip_grid (so ``dvc exp run -S model=ViT-L-14``
     works); ``weights`` is ``random`` (seeded init, offline), ``pretrained`` (upstream default),
-    an upstream tag, or a file path; ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:<i>``.
+    an upstream tag, or a file path. ``device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:<i>``) is
+    not a top-level key: :func:`load_shared` fills it from ``runtime.device`` or the stage's
+    ``runtime.<stage>.device``.
     """
 
     model: str = "ViT-B-16"
@@ -70,7 +81,6 @@ class SharedParams:
         require(bool(self.model.strip()), "model", "must name an open_clip model, e.g. ViT-B-16")
         require(bool(self.weights.strip()), "weights",
                 "use random, pretrained, an upstream tag or a checkpoint path")
-        validate_device(self.device, "device")
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 
 
@@ -81,7 +91,51 @@ def validate_device(device: str, key: str) -> None:
     require(ok, key, f"got {device!r}; allowed: auto, cpu, cuda, cuda:<index>")
 
 
-SHARED_KEYS = tuple(f.name for f in dataclasses.fields(SharedParams))
+@dataclass(frozen=True)
+class RuntimeParams:
+    """Where and how fast a stage runs: the ``runtime`` section of params.yaml.
+
+    None of these changes what a stage computes (batches never span shards, and the compute
+    ``precision`` is a method param of the stage), so no stage lists ``runtime`` in dvc.yaml's
+    ``params``. The top level holds the defaults and a mapping named after a stage overrides
+    them for that stage::
+
+        runtime:
+          device: auto        # auto (CUDA when available) | cpu | cuda | cuda:<i>
+          num_workers: auto   # DataLoader workers; auto = cores usable by this process - 1
+          batch_size: 16      # items per model call
+          extract_siglip: {batch_size: 32}
+    """
+
+    device: str = "auto"
+    batch_size: int = 16
+    num_workers: int | Literal["auto"] = "auto"
+
+    def validate(self) -> None:
+        validate_device(self.device, "device")
+        require(self.batch_size >= 1, "batch_size",
+                f"must be >= 1 (items per model call), got {self.batch_size}")
+        require(self.num_workers == "auto" or self.num_workers >= 0, "num_workers",
+                f"got {self.num_workers}; use auto (usable cores - 1) or a count >= 0 "
+                "(0 = load in the main process)")
+
+    def resolved_num_workers(self) -> int:
+        """``num_workers`` as a count: ``auto`` = :func:`available_cpus` - 1, at least 0."""
+        if self.num_workers == "auto":
+            return max(available_cpus() - 1, 0)
+        return self.num_workers
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under Slurm or taskset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+SHARED_KEYS = ("model", "weights", "seed")
+RUNTIME_SECTION = "runtime"
+RUNTIME_KEYS = tuple(f.name for f in dataclasses.fields(RuntimeParams))
 STAGE_SECTIONS = ("download", "extract_clip_grid", "extract_dinov2", "extract_siglip",
                   "extract_sam2", "edge_maps_methodB", "build_uv_index", "sample_point_feats",
                   "verify")
@@ -99,27 +153,89 @@ def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     return data
 
 
-def load_shared(data: dict[str, Any]) -> SharedParams:
-    """Build :class:`SharedParams` from the top-level keys of a params mapping."""
-    unknown = sorted(k for k in data if k not in SHARED_KEYS and k not in STAGE_SECTIONS)
-    if unknown:
-        raise ParamError(f"{unknown[0]}: unknown top-level key; shared keys are "
-                         f"{', '.join(SHARED_KEYS)} and stage sections are "
-                         f"{', '.join(STAGE_SECTIONS)}")
-    values = {k: data[k] for k in SHARED_KEYS if k in data}
-    return build_dataclass(SharedParams, values, prefix="")
+def load_shared(data: dict[str, Any], section: str | None = None) -> SharedParams:
+    """Build :class:`SharedParams` from the top-level keys of a params mapping, with ``device``
+    from its ``runtime`` section (the ``runtime.<section>`` override when ``section`` is given).
+
+    Checks every top-level key and the whole ``runtime`` section, not only what ``section`` uses.
+    """
+    for key in data:
+        if key in RUNTIME_KEYS:
+            raise ParamError(f"{key}: a runtime knob, not a top-level key; move it to "
+                             f"{RUNTIME_SECTION}.{key} (no stage depends on it)")
+        if key not in SHARED_KEYS and key not in STAGE_SECTIONS and key != RUNTIME_SECTION:
+            raise ParamError(f"{key}: unknown top-level key; shared keys are "
+                             f"{', '.join(SHARED_KEYS)}, then {RUNTIME_SECTION} and the stage "
+                             f"sections {', '.join(STAGE_SECTIONS)}")
+    runtime = load_runtime(data, section)
+    shared = build_dataclass(SharedParams, {k: data[k] for k in SHARED_KEYS if k in data}, "")
+    return dataclasses.replace(shared, device=runtime.device)
+
+
+def load_runtime(data: dict[str, Any], section: str | None = None) -> RuntimeParams:
+    """The ``runtime`` section of a params mapping, merged for ``section``: its defaults, then
+    ``runtime.<section>``. Every override is checked, whichever stage is loading."""
+    raw = data.get(RUNTIME_SECTION)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamError(f"{RUNTIME_SECTION}: expected a mapping of keys, got {raw!r}")
+    for key in raw:
+        if key not in RUNTIME_KEYS and key not in STAGE_SECTIONS:
+            raise ParamError(f"{RUNTIME_SECTION}.{key}: unknown key; the knobs are "
+                             f"{', '.join(RUNTIME_KEYS)}, and a per-stage override is a mapping "
+                             f"named after a stage: {', '.join(STAGE_SECTIONS)}")
+    defaults = {k: raw[k] for k in RUNTIME_KEYS if k in raw}
+    base = build_dataclass(RuntimeParams, defaults, prefix=RUNTIME_SECTION)
+    merged = {}
+    for stage in STAGE_SECTIONS:
+        override = raw.get(stage)
+        if override is not None and not isinstance(override, dict):
+            raise ParamError(f"{RUNTIME_SECTION}.{stage}: expected a mapping of runtime knobs "
+                             f"({', '.join(RUNTIME_KEYS)}), got {override!r}")
+        merged[stage] = build_dataclass(RuntimeParams, {**dataclasses.asdict(base),
+                                                        **(override or {})},
+                                        prefix=f"{RUNTIME_SECTION}.{stage}")
+    return merged[section] if section in merged else base
 
 
 def load_stage_params(section: str, cls: type[T], path: str | Path = PARAMS_FILE,
                       ) -> tuple[SharedParams, T]:
-    """Load the shared keys and the ``section`` of params.yaml into ``cls``.
+    """Load the shared keys, the ``runtime`` knobs and the ``section`` of params.yaml.
 
-    Raises :class:`ParamError` naming the offending key before any work is done.
+    Returns ``(shared, params)``: ``shared.device`` and, where ``cls`` has those fields,
+    ``params.batch_size`` and ``params.num_workers`` (an int, ``auto`` resolved) come from
+    ``runtime`` and ``runtime.<section>``. Raises :class:`ParamError` naming the offending key
+    before any work is done; a runtime knob inside the stage section is one.
     """
     data = read_params_file(path)
     if section not in data:
         raise ParamError(f"{section}: section missing from {path}")
-    return load_shared(data), build_dataclass(cls, data[section], prefix=section)
+    shared = load_shared(data, section)
+    runtime = load_runtime(data, section)
+    values = data[section] if data[section] is not None else {}
+    if isinstance(values, dict):
+        for key in RUNTIME_KEYS:
+            if key in values:
+                raise ParamError(f"{section}.{key}: a runtime knob, not a method param; move it "
+                                 f"to {RUNTIME_SECTION}.{section}.{key} (no stage depends on "
+                                 f"{RUNTIME_SECTION}, so changing it invalidates no cache)")
+        values = {**values, **runtime_fields(cls, section, data, runtime)}
+    return shared, build_dataclass(cls, values, prefix=section)
+
+
+def runtime_fields(cls: type, section: str, data: dict[str, Any],
+                   runtime: RuntimeParams) -> dict[str, int]:
+    """``batch_size`` and ``num_workers`` for the fields ``cls`` has; an override in
+    ``runtime.<section>`` of a knob ``cls`` lacks is an error (it would be ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    override = (data.get(RUNTIME_SECTION) or {}).get(section) or {}
+    for key in ("batch_size", "num_workers"):
+        if key in override and key not in names:
+            raise ParamError(f"{RUNTIME_SECTION}.{section}.{key}: {section} has no {key}; "
+                             "remove it")
+    values = {"batch_size": runtime.batch_size, "num_workers": runtime.resolved_num_workers()}
+    return {k: v for k, v in values.items() if k in names}
 
 
 def build_dataclass(cls: type[T], values: Any, prefix: str) -> T:
@@ -178,7 +294,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             except ParamError as e:
                 errors.append(str(e))
         raise ParamError(errors[0] if len(errors) == 1 else
-                         f"{key}: {value!r} matches none of: {_type_name(hint)}")
+                         f"{key}: got {value!r}; allowed: {_type_name(hint)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ParamError(f"{key}: expected a list, got {value!r}")
@@ -212,5 +328,14 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported parameter type {hint!r}")  # a bug in a dataclass
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    """``int | Literal["auto"]`` -> ``an integer or 'auto'`` (for error messages)."""
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint) if a is not type(None))
+    if get_origin(hint) is Literal:
+        return ", ".join(repr(a) for a in get_args(hint))
+    return _TYPE_WORDS.get(hint) or getattr(hint, "__name__", None) or \
+        str(hint).replace("typing.", "")

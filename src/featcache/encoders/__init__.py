@@ -94,7 +94,8 @@ def load_encoder(spec: EncoderSpec, device: torch.device | str = "cpu") -> Encod
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> ``cuda`` if available else ``cpu``; ``cpu``; ``cuda``/``cuda:<i>`` checked
-    against the visible GPUs (ParamError naming ``device`` otherwise)."""
+    against the visible GPUs (ParamError naming ``device`` otherwise). ``device`` is
+    params.yaml's ``runtime.device`` or a stage's ``runtime.<stage>.device``."""
     import torch
 
     if device == "auto":
@@ -105,7 +106,8 @@ def resolve_device(device: str) -> torch.device:
         index = int(device[5:]) if ":" in device else 0
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if index >= count:
-            raise ParamError(f"device: {device!r} requested but {count} CUDA device(s) are "
+            raise ParamError(f"device: {device!r} requested (runtime.device or "
+                             f"runtime.<stage>.device) but {count} CUDA device(s) are "
                              f"visible; use auto or cpu")
         return torch.device(device)
     raise ParamError(f"device: got {device!r}; allowed: auto, cpu, cuda, cuda:<index>")
