@@ -99,3 +99,36 @@ def test_merges_real_edge_stage_output(tmp_path: Path, monkeypatch: pytest.Monke
     assert set(merged) == SEED_KEYS
     assert merged["edge_64x64"].shape == (64, 64) and merged["edge_64x64"].any()
     assert merged["edge_flag"] == 1 and merged["feature_flag"] == 1
+
+
+def test_sharded_outputs_merge_like_the_seed_files(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both stages' default layout: P4 is stored once, IMAGE_EMB_S16 comes back as P4."""
+    from featcache.engine import EngineParams, Piece, run_job
+
+    monkeypatch.chdir(tmp_path)
+    files = {stem: write_features(tmp_path / "npz", stem, seed=i)
+             for i, stem in enumerate(("sa_1", "sa_2"))}
+
+    class FeaturesJob:
+        def items(self):
+            return list(files)
+
+        def signature(self, item):
+            return item
+
+        def load(self, item):
+            arrays = {k: v for k, v in files[item].items() if k != "IMAGE_EMB_S16"}
+            return [Piece(item, arrays=arrays)]
+
+    run_job(FeaturesJob(), None, stage="extract_sam2", out=tmp_path / "sam2", provenance={},
+            fingerprint={}, params=EngineParams(num_workers=0))
+    assert not list((tmp_path / "sam2").glob("*.npz"))
+    edges = write_edges(tmp_path / "edges_npz", "sa_2")
+    merged = load_merged(tmp_path / "sam2", tmp_path / "edges_npz", "sa_2")
+    assert set(merged) == SEED_KEYS
+    for name, value in (files["sa_2"] | edges).items():
+        np.testing.assert_array_equal(merged[name], value)
+    assert list_merged_stems(tmp_path / "sam2", tmp_path / "edges_npz") == ["sa_2"]
+    with pytest.raises(FileNotFoundError, match="sa_3: not in"):
+        load_merged(tmp_path / "sam2", tmp_path / "edges_npz", "sa_3")

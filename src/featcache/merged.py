@@ -1,10 +1,10 @@
 """One image's SAM2 features and Method-B edge maps as one dict, as the seed's single NPZ held.
 
-The cache keeps them in two files on purpose (``extract_sam2`` writes
-``<features_dir>/<stem>_features.npz``, ``edge_maps_methodB`` writes
-``<edges_dir>/<stem>_edges.npz``): two stages never write one file, so a repair after a model or
-method change is re-running one stage. Training code that expects the seed's one NPZ per image
-reads :func:`load_merged` instead, with the seed's key names:
+The cache keeps them in two outputs on purpose (``extract_sam2`` writes ``<features_dir>``,
+``edge_maps_methodB`` writes ``<edges_dir>``, each a sharded folder, with ``layout: npz`` also
+``<stem>_features.npz`` / ``<stem>_edges.npz`` files): two stages never write one file, so a
+repair after a model or method change is re-running one stage. Training code that expects the
+seed's one NPZ per image reads :func:`load_merged` instead, with the seed's key names:
 
 - ``P4_S16`` ``(256, 64, 64)``, ``P5_S32`` ``(256, 32, 32)``, ``IMAGE_EMB_S16`` (= ``P4_S16``),
   ``feature_flag`` (from the features file; float dtype as stored, fp16 by default);
@@ -48,16 +48,35 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: not a readable NPZ file ({e})") from e
 
 
+def _is_sharded(folder: str | Path) -> bool:
+    return (Path(folder) / "index.h5").is_file()
+
+
+def _read_item(folder: str | Path, stem: str, path: Path) -> dict[str, np.ndarray]:
+    """One image's arrays from a sharded folder (through the reader), else from its NPZ."""
+    if not _is_sharded(folder):
+        return read_npz(path)
+    from featcache.reader import open_features
+
+    store = open_features(folder, field=None)
+    if stem not in store:
+        raise FileNotFoundError(f"{stem}: not in {folder} (no {path.name} either)")
+    return dict(store[stem])
+
+
 def load_merged(features_dir: str | Path, edges_dir: str | Path,
                 stem: str) -> dict[str, np.ndarray]:
     """One image's features and edges merged into one dict (keys in the module docstring).
 
     ``stem`` is the image file name without its suffix (``sa_1`` for ``sa_1.jpg``). Raises
-    ``FileNotFoundError`` naming whichever file is missing, and ``ValueError`` if both files
+    ``FileNotFoundError`` naming whichever item is missing, and ``ValueError`` if both outputs
     hold the same key (the merge would have to drop one of them).
     """
-    merged = read_npz(features_path(features_dir, stem))
-    edges = read_npz(edges_path(edges_dir, stem))
+    merged = _read_item(features_dir, stem, features_path(features_dir, stem))
+    merged.setdefault("IMAGE_EMB_S16", merged.get("P4_S16"))   # shards store P4 once
+    if merged["IMAGE_EMB_S16"] is None:
+        del merged["IMAGE_EMB_S16"]
+    edges = _read_item(edges_dir, stem, edges_path(edges_dir, stem))
     clash = sorted(merged.keys() & edges.keys())
     if clash:
         raise ValueError(f"{stem}: both the features and the edges file hold {clash}")
@@ -69,6 +88,10 @@ def list_merged_stems(features_dir: str | Path, edges_dir: str | Path) -> list[s
     """Sorted stems that have both a features file and an edges file (what ``load_merged``
     can load); an image that failed in either stage is left out."""
     def stems(folder: str | Path, suffix: str) -> set[str]:
+        if _is_sharded(folder):
+            from featcache.reader import open_features
+
+            return set(open_features(folder, field=None))
         tail = f"{suffix}.npz"
         return {p.name[:-len(tail)] for p in Path(folder).glob(f"*{tail}")}
 
