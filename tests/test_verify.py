@@ -1,8 +1,9 @@
 """verify: passes on real outputs of every stage, and each corruption fails exactly its check.
 
-The world is the embedded sample with every stage run on it with the tiny models (SAM2 files are
-written with the engine's NPZ writer: hiera_t at 1024 takes seconds per image on a CPU). Each
-corruption test copies the features, breaks one thing and expects exactly one check to fail.
+The world is the embedded sample with every stage run on it with the tiny models (SAM2 outputs
+are written through the engine by a model-free job: hiera_t at 1024 takes seconds per image on a
+CPU). Each corruption test copies the features, breaks one thing in a shard or an index and
+expects exactly one check to fail.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import pytest
 import yaml
 
 from encoder_fixtures import tiny_spec
-from featcache.atomic import save_npz
 from featcache.clip_grid import ClipGridParams, extract_clip_grid
 from featcache.config import ParamError, SharedParams, build_dataclass
 from featcache.dinov2 import Dinov2Params, extract_dinov2
 from featcache.edges import EdgeParams, run_edge_maps
 from featcache.encoders import TINY_DINOV2, TINY_OPENCLIP, TINY_SIGLIP
-from featcache.engine import WriterOptions, get_writer, write_failures
+from featcache.engine import (EngineParams, Piece, WriterOptions, finish_stage, run_job)
+from featcache.engine.shards import INDEX_NAME, SHARDS_DIR, ShardReader, read_index
 from featcache.images import list_images
 from featcache.point_feats import PointFeatsParams, sample_point_feats
 from featcache.sample import generate_sample
@@ -42,21 +43,35 @@ FEATURES = ("clip_grid", "dinov2", "siglip", "sam2", "edges", "uv_index", "point
 SCENES = ("scene0000_00", "scene0001_00")
 
 
+class FakeSam2Job:
+    """SAM2-shaped records at a 256 input (P4 16x16), as extract_sam2 stores them."""
+
+    def __init__(self, images: Path) -> None:
+        self.paths = {p.stem: p for p in list_images(images)}
+
+    def items(self) -> list[str]:
+        return sorted(self.paths)
+
+    def signature(self, item: str) -> str:
+        return item
+
+    def load(self, item: str) -> list[Piece]:
+        rng = np.random.default_rng(sorted(self.paths).index(item))
+        p4 = rng.normal(size=(256, 16, 16)).astype(np.float32)
+        return [Piece(item, arrays={"P4_S16": p4, "P5_S32": p4[:, ::2, ::2],
+                                    "feature_flag": np.int64(1)})]
+
+
 def write_fake_sam2(images: Path, out: Path) -> None:
-    """SAM2 outputs in the exact format extract_sam2 writes, at a 256 input (P4 16x16)."""
     spec = tiny_spec("sam2")
     prov = {"model": spec.name, "family": "sam2", "weights": "random",
             "weights_id": "random(seed=0)", "preprocessing": spec.to_dict(), "dtype": "fp16",
-            "images": images.as_posix(), "code_version": "test"}
-    rng = np.random.default_rng(0)
-    writer = get_writer("npz")(out, provenance=prov,
-                               options=WriterOptions(dtype="fp16", suffix="_features"))
-    with writer:
-        for path in list_images(images):
-            p4 = rng.normal(size=(1, 256, 16, 16)).astype(np.float32)
-            writer.write([path.stem], {"P4_S16": p4, "P5_S32": p4[:, :, ::2, ::2],
-                                       "IMAGE_EMB_S16": p4, "feature_flag": np.ones(1, np.int64)})
-    write_failures(out / "failures.tsv", [])
+            "images": images.as_posix()}
+    params = EngineParams(num_workers=0, metrics="metrics/extract_sam2.json")
+    result = run_job(FakeSam2Job(images), None, stage="extract_sam2", out=out,
+                     writer_options=WriterOptions(dtype="fp16"), provenance=prov,
+                     fingerprint={}, params=params)
+    finish_stage("extract_sam2", out, [result], params)
 
 
 def build_world(root: Path) -> None:
@@ -138,64 +153,78 @@ def test_real_outputs_pass_every_check_and_get_pictures(world: Path) -> None:
     assert again.read_bytes() == report_path.read_bytes()  # no times: a deterministic metric
 
 
-def first_key(h5: Path, field: str = "grids") -> str:
-    with h5py.File(h5, "r") as f:
-        return sorted(n for n in f if n.endswith(f"_{field}"))[0]
+def where(folder: Path, key: str | None = None) -> tuple[Path, int, str]:
+    """``(shard file, row, key)`` of ``key`` (default: the first key) in a sharded output."""
+    keys, shard, row, names, _ = read_index(folder)
+    i = keys.index(key) if key is not None else 0
+    return folder / SHARDS_DIR / names[shard[i]], int(row[i]), keys[i]
+
+
+def change_row(folder: Path, field: str, change: Callable[[np.ndarray], np.ndarray],
+               key: str | None = None) -> None:
+    """Rewrite one stored value in place (dense or ragged field)."""
+    path, row, _ = where(folder, key)
+    with ShardReader(path) as r:
+        value = np.array(r.read(field, row))
+    value = change(value)
+    with h5py.File(path, "r+") as f:
+        obj = f[field]
+        if isinstance(obj, h5py.Group):
+            lo, hi = obj["offsets"][row:row + 2]
+            obj["data"][lo:hi] = value.ravel()
+        else:
+            obj[row] = value
 
 
 def scale_embedding(features: Path) -> None:
-    with h5py.File(features / "siglip" / "embeddings.h5", "r+") as f:
-        f["embeddings"][3] = f["embeddings"][3] * np.float16(1.5)
+    keys = read_index(features / "siglip")[0]
+    change_row(features / "siglip", "embeddings", lambda v: v * np.float16(1.5), keys[3])
 
 
 def add_tsv_row(features: Path) -> None:
+    path, _, _ = where(features / "siglip")
     with open(features / "siglip" / "inst2feat.tsv", "a") as f:
-        f.write("000000999999\t7\tembeddings.h5#70\n")
+        f.write(f"000000999999\t7\t{SHARDS_DIR}/{path.name}#70\n")
 
 
 def drop_grid(features: Path) -> None:
-    h5 = features / "clip_grid" / "coco_val2017.h5"
-    key = first_key(h5)[:-len("_grids")]
-    with h5py.File(h5, "r+") as f:
-        del f[f"{key}_grids"], f[f"{key}_global"]
+    """Remove the first image from the split's index (its rows stay in the shard)."""
+    with h5py.File(features / "clip_grid" / "coco_val2017" / INDEX_NAME, "r+") as f:
+        columns = {name: f[name][()] for name in ("keys", "shard", "row")}
+        for name, values in columns.items():
+            del f[name]
+            f.create_dataset(name, data=values[1:], dtype=h5py.string_dtype()
+                             if name == "keys" else values.dtype)
 
 
-def roll_grid(features: Path) -> None:
-    h5 = features / "clip_grid" / "coco_val2017.h5"
-    name = first_key(h5)
-    with h5py.File(h5, "r+") as f:
-        f[name][...] = np.roll(f[name][()], 1, axis=0)  # patches shifted by one position
-
-
-def rewrite_npz(path: Path, change: Callable[[dict[str, np.ndarray]], None]) -> None:
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    change(arrays)
-    save_npz(path, arrays)
-
-
-def first_npz(folder: Path) -> Path:
-    return sorted(folder.rglob("*.npz"))[0]
+def roll_grid(features: Path) -> None:   # patches shifted by one position
+    change_row(features / "clip_grid" / "coco_val2017", "grids", lambda v: np.roll(v, 1, 0))
 
 
 def non_binary_edges(features: Path) -> None:
-    rewrite_npz(first_npz(features / "edges"), lambda a: a["edge_64x64"].__setitem__((0, 0), 2))
+    def change(v: np.ndarray) -> np.ndarray:
+        v[0, 0] = 2
+        return v
+    change_row(features / "edges", "edge_64x64", change)
 
 
 def clear_feature_flag(features: Path) -> None:
-    rewrite_npz(first_npz(features / "sam2"), lambda a: a.__setitem__("feature_flag",
-                                                                     np.array(0, np.int64)))
+    change_row(features / "sam2", "feature_flag", lambda v: np.zeros_like(v))
 
 
 def bad_reprojection(features: Path) -> None:
-    rewrite_npz(first_npz(features / "uv_index"),
-                lambda a: a.__setitem__("reproj_err_px", np.array(1.5, np.float32)))
+    change_row(features / "uv_index", "reproj_err_px", lambda v: np.full_like(v, 1.5))
 
 
 def features_where_invalid(features: Path) -> None:
-    def change(a: dict[str, np.ndarray]) -> None:
-        a["pts_feat"][np.flatnonzero(~a["valid"])[0]] = 1
-    rewrite_npz(first_npz(features / "point_feats"), change)
+    path, row, key = where(features / "point_feats")
+    with ShardReader(path) as r:
+        valid = r.read("valid", row)
+
+    def change(v: np.ndarray) -> np.ndarray:
+        v[np.flatnonzero(~valid)[0]] = 1
+        return v
+    change_row(features / "point_feats", "pts_feat", change, key)
 
 
 @pytest.mark.parametrize("corrupt, check, spot", [
@@ -222,7 +251,7 @@ def test_each_corruption_fails_its_check(copy: Path, corrupt: Callable[[Path], N
 
 def test_a_missing_output_and_an_unreadable_file_are_reported(copy: Path) -> None:
     shutil.rmtree(copy / "dinov2")
-    (first_npz(copy / "edges")).write_bytes(b"not a zip file")
+    where(copy / "edges")[0].write_bytes(b"not an HDF5 file")
     with pytest.raises(VerificationFailed) as e:
         verify(SHARED, verify_params(copy, copy.parent / "verify.json"))
     assert "dinov2.readable" in str(e.value) and "edges.readable" in str(e.value)
