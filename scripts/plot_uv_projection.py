@@ -13,13 +13,14 @@ Paths and projection settings default to the ``build_uv_index`` section of param
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
 import cv2
 
 from featcache import scannet
-from featcache.config import as_dict, build_dataclass, load_stage_params
+from featcache.config import build_dataclass, load_stage_params
 from featcache.pictures import add_caption, render_panels
 from featcache.uv_index import STAGE, UvIndexParams, index_frame, load_points, read_frame
 
@@ -41,8 +42,8 @@ def main() -> None:
     args = parse_args()
     _, params = load_stage_params(STAGE, UvIndexParams, args.params)
     if args.scannet:
-        params = build_dataclass(UvIndexParams, {**as_dict(params), "scannet": args.scannet},
-                                 STAGE)
+        params = build_dataclass(UvIndexParams,
+                                 {**dataclasses.asdict(params), "scannet": args.scannet}, STAGE)
     scene_dir = Path(params.scannet) / "scans" / args.scene
     frame = read_frame(scene_dir, args.frame, params.depth_scale)
     points = load_points(scene_dir / params.point_cloud.format(scene=args.scene))
