@@ -411,3 +411,26 @@ def featcache_reads(folder: Path) -> int:
 
     store = open_features(folder)
     return sum(1 for k in store if store[k].shape == (196, TINY_WIDTH))
+
+
+@pytest.mark.slow
+def test_dvc_records_a_run_made_by_array_tasks(tmp_path: Path) -> None:
+    """Slurm-array style: tasks compute shard ranges with FEATCACHE_SHARDS (the stage command
+    is unchanged), then `dvc repro` finds every shard, computes nothing, records dvc.lock."""
+    repo = dvc_repo(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["extract_clip_grid"]["shard_mb"] = 0.02   # ~1 image (25 KB) a shard: 3 shards
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ)
+    for k in range(2):
+        env["FEATCACHE_SHARDS"] = f"{k}/2"
+        proc = subprocess.run([sys.executable, "stages/extract_clip_grid.py"], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert not (repo / "data" / "features" / "clip_grid").exists()
+    log = dvc_sh(["dvc", "repro", "extract_clip_grid"], repo)
+    metrics = json.loads((repo / "metrics" / "extract_clip_grid.json").read_text())
+    assert (metrics["computed"], metrics["reused"]) == (0, 3) and metrics["shards"] >= 2, log
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["extract_clip_grid"]
+    assert lock["outs"][0]["path"] == "data/features/clip_grid"
+    assert "up to date" in dvc_sh(["dvc", "status", "extract_clip_grid"], repo)

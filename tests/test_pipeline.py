@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,3 +107,15 @@ def test_push_then_fresh_clone_pulls_identical_files(demo, tmp_path):
     for name in ("clip_grid", "siglip", "sam2", "edges", "uv_index", "point_feats"):
         rel = Path("data") / "features" / name
         assert digest(clone / rel) == digest(demo / rel), name
+
+
+def readme_python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def test_every_readme_python_snippet_runs_against_the_demo_outputs(demo):
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 4
+    for code in blocks:
+        proc = sh([sys.executable, "-c", code], demo, check=False)
+        assert proc.returncode == 0, f"{code}\n{proc.stderr[-2000:]}"

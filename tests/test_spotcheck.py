@@ -43,21 +43,25 @@ def run_clip(root: Path, **overrides: object) -> Path:
 
 
 def test_fp16_cache_passes_the_spot_check(root: Path) -> None:
-    out = run_clip(root, grid=7)
-    result = spot_check(out / "val.h5", n=3, seed=1)
+    out = run_clip(root, grid=7, layout="hdf5")
+    result = spot_check(out / "val", n=3, seed=1)
     assert len(result.keys) == 3 and result.errors == ()
     assert result.min_cosine > 0.9999 and 0 < result.max_abs_diff < 0.01
     assert result.passed()
-    every = spot_check(out / "val.h5", n=10, field="global")
+    every = spot_check(out / "val.h5", n=10, field="global")   # through the FSGR view
     assert sorted(every.keys) == ["1", "2", "3", "4", "cutout"] and every.passed()
 
 
 def test_a_tampered_item_fails_the_spot_check(root: Path) -> None:
+    from featcache.engine.shards import SHARDS_DIR, read_index
+
     out = run_clip(root, dtype="fp32")
-    with h5py.File(out / "val.h5", "r+") as f:
-        tokens = f["3_grids"][()]
-        f["3_grids"][...] = np.roll(tokens, 1, axis=0)  # patches shifted by one position
-    result = spot_check(out / "val.h5", n=5)
+    keys, shard, row, names, _ = read_index(out / "val")
+    i = keys.index("3")
+    with h5py.File(out / "val" / SHARDS_DIR / names[shard[i]], "r+") as f:
+        tokens = f["grids"][row[i]]
+        f["grids"][row[i]] = np.roll(tokens, 1, axis=0)  # patches shifted by one position
+    result = spot_check(out / "val", n=5)
     assert not result.passed() and result.min_cosine < 0.99
     assert result.max_abs_diff > 0.1
 
@@ -77,5 +81,5 @@ def test_dinov2_cache_passes_the_spot_check(root: Path) -> None:
     values = {"root": ".", "out": "dino", "model": TINY_DINOV2, "size": 42, "num_workers": 0,
               "splits": [{"name": "val", "images": "imgs"}]}
     extract_dinov2(SHARED, build_dataclass(Dinov2Params, values, DINO_STAGE))
-    result = spot_check(root / "dino" / "val.h5", n=2)
+    result = spot_check(root / "dino" / "val", n=2)
     assert result.passed(min_cosine=0.9999) and len(result.keys) == 2

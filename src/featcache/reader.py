@@ -190,10 +190,17 @@ class FeatureStore(Mapping):
         if self.layout == "npy":
             return {k: self.path / f for k, fld, f in _read_index(self.path) if fld == self.field}
         if self.layout == "shards":
-            from featcache.engine.shards import read_index
+            from featcache.engine.shards import SHARDS_DIR, ShardReader, read_index
 
             keys, shard, row, self._shard_files, _ = read_index(self.path)
-            return {k: (int(s), int(r)) for k, s, r in zip(keys, shard, row)}
+            index = {k: (int(s), int(r)) for k, s, r in zip(keys, shard, row)}
+            if self.field is None:
+                return index
+            present = {}   # which keys hold this field (a short look; no handle is kept)
+            for s in sorted(set(shard.tolist())):
+                with ShardReader(self.path / SHARDS_DIR / self._shard_files[s]) as r:
+                    present[s] = r.present(self.field)
+            return {k: (s, r) for k, (s, r) in index.items() if present[s][r]}
         return {_npz_key(p, self.path, self._suffix): p for p in _npz_files(self.path)}
 
     def _npz_suffix(self, suffix: str | None) -> str:

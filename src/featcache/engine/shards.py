@@ -259,6 +259,16 @@ class ShardReader:
             self._fields = json.loads(self.file.attrs["fields"])
         return self._fields
 
+    def present(self, field: str) -> np.ndarray:
+        """``(n,)`` bool: which rows hold ``field`` (a ragged field may be absent in some)."""
+        n = len(self.file["keys"])
+        if field not in self.file:
+            return np.zeros(n, bool)
+        obj = self.file[field]
+        if isinstance(obj, h5py.Group):
+            return np.asarray(obj.attrs["ndims"]) >= 0
+        return np.ones(n, bool)
+
     def read(self, field: str, row: int) -> np.ndarray | None:
         """Row ``row`` of ``field`` (``None`` where a ragged field has no value for that row)."""
         obj = self.file[field]
