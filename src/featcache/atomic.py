@@ -4,13 +4,19 @@ Every file featcache writes lands by ``os.replace`` from a temporary name in the
 a reader (or DVC) never sees a half-written file, and a run killed at any moment leaves either
 the old file or the new one. NPZ files get fixed zip timestamps so that identical arrays give
 identical bytes (``np.savez`` stamps the current time into every entry).
+
+Temporary names never push a name past the filesystem's limit (255 bytes per name): a name
+that leaves room is ``.<name>.<random>.tmp``, a longer one ``.<sha256 of the name>~.<random>.tmp``
+(:func:`temp_prefix`), so any name the filesystem accepts can be written atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -20,6 +26,40 @@ from pathlib import Path
 import numpy as np
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+NAME_MAX = 255          # bytes per file name on Linux/macOS filesystems (ext4, xfs, apfs, ...)
+_TEMP_ROOM = 24         # what a temporary name adds: "." + "." + 8 random chars + ".tmp", + margin
+
+
+def name_bytes(name: str) -> int:
+    """Length of a file name as the filesystem counts it (bytes of its encoding)."""
+    return len(os.fsencode(name))
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of ``name``'s temporary files: ``.<name>.`` when that leaves room for the
+    random part within :data:`NAME_MAX`, else ``.<sha256(name)[:32]>~.`` (same for the same
+    name, so a later run finds and removes what a killed one left)."""
+    if name_bytes(name) + _TEMP_ROOM <= NAME_MAX:
+        return f".{name}."
+    return f".{hashlib.sha256(os.fsencode(name)).hexdigest()[:32]}~."
+
+
+def temp_name(name: str, tag: str) -> str:
+    """A deterministic temporary name for ``name`` with a short ``tag`` (e.g. a pid)."""
+    return f"{temp_prefix(name)}{tag}.tmp"
+
+
+def stale_temps(dest: str | Path) -> list[Path]:
+    """Temporaries of ``dest`` (files or folders) left in its folder by a killed run."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    return sorted(dest.parent.glob(f"{glob_escape(temp_prefix(dest.name))}*.tmp"))
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob metacharacters quoted (names may hold ``*``, ``?`` or ``[``)."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 @contextlib.contextmanager
@@ -31,10 +71,11 @@ def atomic_path(dest: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    prefix = temp_prefix(dest.name)
     if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=dest.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=dest.parent)
         os.close(fd)
         tmp = Path(name)
     try:
@@ -46,15 +87,27 @@ def atomic_path(dest: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
         else:
             os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
+    except OSError as e:
+        _remove(tmp)
+        raise with_path(e, dest) from None
     except BaseException:
         _remove(tmp)
         raise
 
 
+def with_path(error: OSError, path: str | Path) -> OSError:
+    """``error`` naming ``path`` when it names no file (a failed ``write`` names none): disk
+    full and the like then say where (:func:`featcache.stage.run_stage` prints one line)."""
+    if error.filename is not None or error.errno is None:
+        return error
+    named = OSError(error.errno, error.strerror or str(error), str(path))
+    named.__cause__ = error
+    return named
+
+
 def remove_stale_temps(dest: str | Path) -> int:
     """Remove temporaries of ``dest`` left behind by a killed run; returns how many."""
-    dest = Path(dest)
-    stale = list(dest.parent.glob(f".{dest.name}.*.tmp")) if dest.parent.is_dir() else []
+    stale = stale_temps(dest)
     for path in stale:
         _remove(path)
     return len(stale)

@@ -13,6 +13,7 @@ import torch
 
 from featcache.atomic import write_text
 from featcache.config import StageError
+from featcache.engine.scratch import SCRATCH_ROOT, drop_unused, tree_bytes
 from featcache.engine.types import EngineParams, RunResult
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,10 @@ def check_failures(results: Sequence[RunResult], max_failures: float) -> None:
 
 def finish_stage(stage: str, out_dir: str | Path, results: Sequence[RunResult],
                  params: EngineParams, extra: dict[str, Any] | None = None) -> None:
-    """Write ``<out_dir>/failures.tsv`` and the metrics (``params.metrics``), then enforce
-    ``params.max_failures``. Only rank 0 writes (under torchrun every rank calls this)."""
+    """Write ``<out_dir>/failures.tsv``, drop the stage's scratch that no current output
+    uses, write the metrics (``params.metrics``, with ``scratch_bytes``: the whole scratch
+    area's size after that), then enforce ``params.max_failures``. Only rank 0 writes (under
+    torchrun every rank calls this)."""
     from featcache.engine.distributed import init_distributed, shutdown_distributed
 
     ctx = init_distributed()
@@ -104,6 +107,9 @@ def finish_stage(stage: str, out_dir: str | Path, results: Sequence[RunResult],
     ctx.sum_counts(results)
     if ctx.is_main:
         write_failures(Path(out_dir) / "failures.tsv", results)
+        # every output is final: what is left in the stage's scratch no current output uses
+        drop_unused(stage)
+        extra = {**(extra or {}), "scratch_bytes": tree_bytes(SCRATCH_ROOT)}
         write_metrics(stage, results, extra, params.metrics)
     shutdown_distributed()
     check_failures(results, params.max_failures)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from featcache.atomic import temp_prefix
 from featcache.engine.shards import INDEX_NAME, SHARDS_DIR
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def link_or_copy(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         return
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.link")
+    tmp = dest.with_name(f"{temp_prefix(dest.name)}{os.getpid()}.link")
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featcache.atomic import atomic_path, remove_stale_temps
+from featcache.atomic import atomic_path, remove_stale_temps, stale_temps
 from featcache.engine.code import code_identity
 from featcache.engine.distributed import DistContext, init_distributed
 from featcache.engine.reuse import link_or_copy, previous_shards
@@ -336,9 +336,10 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path,
                 "code_version": code_identity(), "layout": writer,
                 "storage_dtype": writer_options.dtype, "shard_mb": params.shard_mb}
         result.records, result.failures = _finalize(plan, scratch, out, prov)
+        if view_writer is not None:   # a per-item view refuses keys that cannot be files
+            result.failures += view_writer(out, Path(view) if view else None, prov,
+                                           writer_options)
         result.failed = len({f.item for f in result.failures})
-        if view_writer is not None:
-            view_writer(out, Path(view) if view else None, prov, writer_options)
     ctx.barrier()
     result.finalized = part is None
     result.wall_s = time.perf_counter() - t0
@@ -348,7 +349,7 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path,
 def _rescue(out: Path, scratch: Path) -> None:
     """Move the shards of an output folder that a killed run was moving into place back into
     the scratch area, then remove such half-made folders."""
-    for tmp in out.parent.glob(f".{out.name}.*.tmp") if out.parent.is_dir() else []:
+    for tmp in stale_temps(out):
         for shard in (tmp / SHARDS_DIR).glob("*.h5") if tmp.is_dir() else []:
             os.replace(shard, scratch / shard.name)
     remove_stale_temps(out)

@@ -42,6 +42,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from featcache.atomic import temp_name
 from featcache.engine.types import Failure
 
 FORMAT = "featcache-shard-1"
@@ -121,7 +122,7 @@ class ShardContent:
 def write_shard(path: Path, content: ShardContent, compression: Mapping[str, Any]) -> int:
     """Write ``content`` to ``path`` (a temporary name, then ``os.replace``); returns the bytes
     of feature data written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(temp_name(path.name, str(os.getpid())))
     path.parent.mkdir(parents=True, exist_ok=True)
     text = h5py.string_dtype()
     written = 0
@@ -312,7 +313,7 @@ def write_index(out: Path, shards: Sequence[tuple[str, list[str]]],
             keys.append(key)
             shard_col.append(s)
             row_col.append(r)
-    tmp = out / f".{INDEX_NAME}.tmp"
+    tmp = out / temp_name(INDEX_NAME, str(os.getpid()))
     with h5py.File(tmp, "w", track_order=False) as f:
         f.attrs["layout"] = "shards"
         f.attrs["format"] = FORMAT

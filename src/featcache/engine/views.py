@@ -11,6 +11,11 @@
   ``index.tsv`` inside the output folder (the seeds' per-segment files);
 - ``npz``: one ``{key}{suffix}.npz`` per key inside the output folder.
 
+A view returns the rows it refused (:class:`~featcache.engine.types.Failure`, for
+``failures.tsv``): a per-item view refuses, one key at a time, a key that cannot be a file name
+or whose file another key would also write (:func:`featcache.engine.writers.plan_files`); the
+key's row stays in the shards.
+
 The per-item layouts are copies (the shards stay, so a later run can reuse them): twice the
 disk, and one file per item for DVC to track. Pick them only for a tool that reads those files.
 Virtual datasets name their source files relative to the view file, so an output folder and its
@@ -29,9 +34,10 @@ import numpy as np
 
 from featcache.atomic import atomic_path
 from featcache.engine.shards import SHARDS_DIR, ShardReader, canonical_json, read_index
-from featcache.engine.writers import NpyWriter, NpzWriter, WriterOptions
+from featcache.engine.types import Failure
+from featcache.engine.writers import NpyWriter, NpzWriter, WriterOptions, plan_files
 
-View = Callable[[Path, Path | None, Mapping[str, Any], WriterOptions], Path]
+View = Callable[[Path, Path | None, Mapping[str, Any], WriterOptions], list[Failure]]
 VIEW_SUFFIX = ".h5"
 
 
@@ -66,7 +72,7 @@ def _shard_files(out: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str
 
 
 def write_hdf5_view(out: Path, path: Path | None, provenance: Mapping[str, Any],
-                    options: WriterOptions) -> Path:
+                    options: WriterOptions) -> list[Failure]:
     """``{key}_{field}`` virtual datasets, one row of a shard each (see the module doc)."""
     path = path or out.with_suffix(VIEW_SUFFIX)
     keys, shard, row, names = _shard_files(out)
@@ -84,11 +90,11 @@ def write_hdf5_view(out: Path, path: Path | None, provenance: Mapping[str, Any],
                     layout = _Layout(shape=shape[1:], dtype=dtype)
                     layout[...] = h5py.VirtualSource(file, field, shape=shape)[int(r)]
                     f.create_virtual_dataset(f"{key}_{field}", layout)
-    return path
+    return []
 
 
 def write_packed_view(out: Path, path: Path | None, provenance: Mapping[str, Any],
-                      options: WriterOptions) -> Path:
+                      options: WriterOptions) -> list[Failure]:
     """``keys (N,)`` and per field one ``(N, ...)`` virtual dataset over every shard."""
     path = path or out.with_suffix(VIEW_SUFFIX)
     keys, _, _, names = _shard_files(out)
@@ -116,30 +122,40 @@ def write_packed_view(out: Path, path: Path | None, provenance: Mapping[str, Any
                             file, field, shape=s_shape)
                     start += s_shape[0]
                 f.create_virtual_dataset(field, layout)
-    return path
+    return []
 
 
 def _export(writer_cls: type, out: Path, provenance: Mapping[str, Any],
-            options: WriterOptions) -> Path:
-    """Write every row of ``out``'s shards as per-item files into ``out``."""
+            options: WriterOptions) -> list[Failure]:
+    """Write every row of ``out``'s shards as per-item files into ``out``, except the keys
+    :func:`plan_files` refuses; returns one failure row per refused key."""
     _, _, _, names = _shard_files(out)
+    entries = []
+    for name in names:
+        with ShardReader(out / SHARDS_DIR / name) as r:
+            present = {f: r.present(f) for f in r.fields()}
+            entries += [(key, [f for f in r.fields() if present[f][row]])
+                        for row, key in enumerate(r.keys())]
+    refused = plan_files(writer_cls, options, entries)
     writer = writer_cls(out, provenance=provenance, options=options)
     with writer:
         for name in names:
             with ShardReader(out / SHARDS_DIR / name) as r:
                 for row, key in enumerate(r.keys()):
-                    record = r.record(row)
-                    writer.write([key], {n: [v] for n, v in record.items()})
-    return out
+                    if key not in refused:
+                        record = r.record(row)
+                        writer.write([key], {n: [v] for n, v in record.items()})
+    return [Failure(key, e.code, f"not written as a {writer_cls.name} file (still in the "
+                                 f"shards): {e}") for key, e in refused.items()]
 
 
 def write_npy_view(out: Path, path: Path | None, provenance: Mapping[str, Any],
-                   options: WriterOptions) -> Path:
+                   options: WriterOptions) -> list[Failure]:
     return _export(NpyWriter, out, provenance, options)
 
 
 def write_npz_view(out: Path, path: Path | None, provenance: Mapping[str, Any],
-                   options: WriterOptions) -> Path:
+                   options: WriterOptions) -> list[Failure]:
     return _export(NpzWriter, out, provenance, options)
 
 
