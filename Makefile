@@ -23,3 +23,14 @@ test: $(STAMP)
 
 clean-scratch:
 	rm -rf .featcache/scratch
+
+# Benchmarks (numbers, not tests): results in benchmarks/results*.json and .md
+.PHONY: bench-quick bench bench-gpu
+bench-quick: $(STAMP)
+	cd benchmarks && ../$(BIN)/python run.py --quick
+
+bench: $(STAMP)
+	cd benchmarks && ../$(BIN)/python run.py
+
+bench-gpu: $(STAMP)
+	cd benchmarks && ../$(BIN)/python run.py --gpu
