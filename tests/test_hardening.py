@@ -147,3 +147,100 @@ def test_stage_run_drops_scratch_no_output_can_use(tmp_path):
     import json
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["scratch_bytes"] == 0
+
+
+# ------------------------------------------------------------ COCO panoptic (points 3, 4)
+
+
+def _coco_job(root: Path):
+    from featcache.encoders import resolve_spec
+    from featcache.siglip import SiglipParams, build_siglip_job
+
+    params = SiglipParams(coco=str(root), split="val2017", out=str(root / "o"),
+                          model="featcache-tiny-siglip", batch_size=4, num_workers=0)
+    return build_siglip_job(params, resolve_spec("open_clip", "featcache-tiny-siglip",
+                                                 weights="random"))
+
+
+def test_coco_paths_escaping_the_dataset_are_rows_and_never_opened(tmp_path, monkeypatch):
+    from test_coco_panoptic import SplitBuilder, blocks
+
+    secret = tmp_path / "outside" / "secret.jpg"
+    b = SplitBuilder(tmp_path / "coco")
+    for i in range(1, 6):
+        b.add(i, blocks())
+    secret.parent.mkdir()
+    secret.write_bytes((tmp_path / "coco" / "val2017" / "000000000001.jpg").read_bytes())
+    b.images[1]["file_name"] = str(secret)                       # absolute image name
+    b.annotations[2]["file_name"] = "../../outside/secret.png"    # PNG outside its folder
+    b.images[3]["file_name"] = "..\\outside\\secret.jpg"          # backslash spelling
+    b.write()
+    opened: list[str] = []
+    import builtins
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (
+        opened.append(str(f)), real_open(f, *a, **k))[1])
+    job = _coco_job(tmp_path / "coco")
+    rows = {}
+    for item in job.items():
+        job.signature(item)
+        for r in job.load(item):
+            if isinstance(r, Failure):
+                rows[r.item] = r.error
+    assert rows == {"000000000002": "unsafe_path", "000000000003": "unsafe_path",
+                    "000000000004": "unsafe_path"}
+    assert not [f for f in opened if "outside" in f]
+
+
+@pytest.mark.parametrize("segment, field", [
+    ({"bbox": ["1", "2", "3", "4"]}, "bbox"), ({"bbox": None}, "bbox"),
+    ({"bbox": [[1, 2], [3, 4]]}, "bbox"), ({"bbox": [1, 2, float("nan"), 4]}, "bbox"),
+    ({"category_id": "person"}, "category_id"), ({"area": [3]}, "area"),
+    ({"iscrowd": "yes"}, "iscrowd")])
+def test_coco_malformed_segment_fields_are_one_row(tmp_path, segment, field):
+    from test_coco_panoptic import SplitBuilder, blocks
+
+    b = SplitBuilder(tmp_path)
+    b.add(1, blocks())
+    ann = b.add(2, blocks())
+    ann["segments_info"][0].update(segment)
+    b.write()
+    job = _coco_job(tmp_path)
+    loaded = {item: job.load(item) for item in job.items()}
+    failures = [(f.item, f.error) for out in loaded.values() for f in out
+                if isinstance(f, Failure)]
+    assert failures == [("000000000002_7", "bad_segment")], failures
+    assert field in next(f.message for f in loaded["000000000002"] if isinstance(f, Failure))
+    pieces = [p.key for out in loaded.values() for p in out if isinstance(p, Piece)]
+    assert pieces == ["000000000001_7", "000000000001_300", "000000000002_300"]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda im, ann: im.update(width=float("nan")), lambda im, ann: im.update(height="48"),
+    lambda im, ann: ann.pop("segments_info"), lambda im, ann: ann.update(file_name=None),
+    lambda im, ann: im.update(file_name=["a.jpg"]), lambda im, ann: ann.update(file_name="")])
+def test_coco_malformed_image_fields_are_one_row(tmp_path, edit):
+    from test_coco_panoptic import SplitBuilder, blocks
+
+    b = SplitBuilder(tmp_path)
+    b.add(1, blocks())
+    ann = b.add(2, blocks())
+    edit(b.images[1], ann)
+    b.write()
+    job = _coco_job(tmp_path)
+    rows = [(f.item, f.error) for item in job.items() for f in job.load(item)
+            if isinstance(f, Failure)]
+    assert len(rows) == 1 and rows[0][0] == "000000000002", rows
+
+
+@pytest.mark.parametrize("text", ['{"annotations": [', "[" * 100_000, "\xff\xfe"])
+def test_coco_unparsable_json_is_one_error_naming_it(tmp_path, text):
+    from featcache.config import ParamError
+    from test_coco_panoptic import SplitBuilder, blocks
+
+    b = SplitBuilder(tmp_path)
+    b.add(1, blocks())
+    path = b.write()
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ParamError, match=r"panoptic_val2017\.json: not readable JSON"):
+        _coco_job(tmp_path)

@@ -14,11 +14,20 @@ Reading the JSON never fails on one bad annotation: :func:`read_panoptic_split` 
 :class:`PanopticError` (code + message) that the caller reports as a failure row. Items are
 named by the image id zero-padded to 12 digits (``000000397133``); a second annotation of the
 same image id becomes ``000000397133~1`` and an error, so item names stay unique.
+
+Every file name the JSON gives (an image's and its PNG's ``file_name``) must stay inside its
+folder: an absolute name, a ``..`` component, a NUL byte or an empty name makes the image an
+``unsafe_path`` error, and the file is never opened (nor hashed). Every field is checked for
+its type: a wrong type (a ``bbox`` of strings, ``null`` or nested lists, a string id, a NaN
+size) is a ``bad_annotation`` error of that image or a ``bad_segment`` error of that segment,
+never an exception; only a file that is not JSON at all (or not a panoptic file) is one
+``bad_json`` error naming it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +147,10 @@ def read_panoptic_json(path: Path) -> dict[str, Any]:
     try:
         with path.open(encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:   # UnicodeDecodeError and JSONDecodeError included
         raise PanopticError("bad_json", f"{path}: not readable JSON ({e})") from None
+    except RecursionError:
+        raise PanopticError("bad_json", f"{path}: not readable JSON (nested too deeply)") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise PanopticError("bad_json", f"{path}: no 'annotations' list; not a COCO panoptic file")
     if not isinstance(data.get("images", []), list):
@@ -181,14 +192,39 @@ def _parse_image(ann: dict[str, Any], image: dict[str, Any] | None) -> PanopticI
     png_file, image_file = ann.get("file_name"), image.get("file_name")
     if not isinstance(png_file, str) or not isinstance(image_file, str):
         raise PanopticError("bad_annotation", f"image {image_id}: missing file_name")
+    contained_name(image_file, f"image {image_id}: images[].file_name")
+    contained_name(png_file, f"image {image_id}: annotations[].file_name")
     segments = ann.get("segments_info")
     if not isinstance(segments, list):
         raise PanopticError("bad_annotation", f"image {image_id}: no segments_info list")
+    size = {}
+    for key in ("width", "height"):
+        value = image.get(key, 0)
+        if not (_is_int(value) and value >= 0):
+            raise PanopticError("bad_annotation", f"image {image_id}: {key} is {value!r}; "
+                                                  "expected a non-negative integer")
+        size[key] = value
     good, bad = parse_segments(segments, image_id)
     return PanopticImage(image_id=image_id, image_file=image_file, png_file=png_file,
-                         width=_int_or(image.get("width"), 0),
-                         height=_int_or(image.get("height"), 0),
+                         width=size["width"], height=size["height"],
                          segments=good, bad_segments=bad)
+
+
+def contained_name(name: str, what: str) -> str:
+    """``name`` if it is a relative path that stays inside its folder (no absolute path, drive
+    letter, ``..`` component or NUL byte; ``\\`` counts as a separator), else
+    :class:`PanopticError` ``unsafe_path`` (the file is then never opened)."""
+    posix = name.replace("\\", "/")
+    parts = [p for p in posix.split("/") if p not in ("", ".")]
+    if "\x00" in name or not parts:
+        raise PanopticError("unsafe_path", f"{what} {name!r} is empty or holds a NUL byte")
+    if posix.startswith("/") or (len(posix) >= 2 and posix[1] == ":"):
+        raise PanopticError("unsafe_path", f"{what} {name!r} is an absolute path; names must "
+                                           "be relative to their folder")
+    if ".." in parts:
+        raise PanopticError("unsafe_path", f"{what} {name!r} has a '..' component: it would "
+                                           "leave its folder")
+    return name
 
 
 def parse_segments(entries: list[Any], image_id: int,
@@ -228,13 +264,22 @@ def parse_segment(seg: Any, image_id: int) -> PanopticSegment:
         raise PanopticError("bad_segment", f"image {image_id}: segment id {sid!r} is not an "
                                            "integer in 1..16777215")
     crowd = seg.get("iscrowd", 0)
-    if crowd not in (0, 1) or isinstance(crowd, float):
+    if not isinstance(crowd, int) or crowd not in (0, 1):   # 0/1 (or false/true)
         raise PanopticError("bad_segment", f"image {image_id}: segment {sid} has "
                                            f"iscrowd={crowd!r}; expected 0 or 1")
-    bbox = seg.get("bbox", ())
-    return PanopticSegment(id=sid, category_id=_int_or(seg.get("category_id"), -1),
-                           iscrowd=bool(crowd), area=_int_or(seg.get("area"), 0),
-                           bbox=tuple(float(v) for v in bbox) if isinstance(bbox, list) else ())
+    category, area = seg.get("category_id", -1), seg.get("area", 0)
+    if not _is_int(category):
+        raise PanopticError("bad_segment", f"image {image_id}: segment {sid} has "
+                                           f"category_id={category!r}; expected an integer")
+    if not (_is_number(area) and area >= 0):
+        raise PanopticError("bad_segment", f"image {image_id}: segment {sid} has "
+                                           f"area={area!r}; expected a number >= 0")
+    bbox = seg.get("bbox", [])
+    if not (isinstance(bbox, list) and len(bbox) in (0, 4) and all(_is_number(v) for v in bbox)):
+        raise PanopticError("bad_segment", f"image {image_id}: segment {sid} has "
+                                           f"bbox={_short(bbox)}; expected [x, y, w, h] numbers")
+    return PanopticSegment(id=sid, category_id=category, iscrowd=bool(crowd), area=int(area),
+                           bbox=tuple(float(v) for v in bbox))
 
 
 def decode_panoptic_png(path: str | Path) -> np.ndarray:
@@ -298,6 +343,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _int_or(value: Any, default: int) -> int:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        else default
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (not a bool; NaN and Infinity, which Python's json accepts, are
+    not numbers here)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
