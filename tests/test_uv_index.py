@@ -363,7 +363,7 @@ def test_changed_inputs_recompute_exactly_the_frames_that_read_them(scannet_root
     build_uv_index(params)
     before = open_features(tmp_path / "uv")["scene0000_00/frame_000001"]["uv_idx"]
     scene0 = scannet_root / "scans" / "scene0000_00"
-    write_matrix(scene0 / "pose" / "1.txt", camera(2))             # one frame's pose
+    write_frame(scene0, "1", camera(2))     # one frame's pose (and its depth map, to agree)
     assert build_uv_index(params).computed == 1
     after = open_features(tmp_path / "uv")["scene0000_00/frame_000001"]["uv_idx"]
     assert not np.array_equal(before, after)

@@ -96,6 +96,15 @@ def depth_consistency(points_cam: np.ndarray, depth_map: np.ndarray, depth_intri
     Points falling outside the depth map, behind the camera or on an unknown (0) depth pixel
     are not consistent.
     """
+    measured = measured_depth(points_cam, depth_map, depth_intrinsics)
+    return (measured > 0) & (np.abs(points_cam[:, 2] - measured) <= tolerance)
+
+
+def measured_depth(points_cam: np.ndarray, depth_map: np.ndarray,
+                   depth_intrinsics: np.ndarray) -> np.ndarray:
+    """The depth map's value ``(N,)`` float64 at the **nearest** depth pixel of each
+    camera-frame point ``(N,3)``; 0 where the point is behind the camera, outside the map or
+    on an unknown (0) pixel."""
     uv = camera_to_pixels(points_cam, depth_intrinsics)
     height, width = depth_map.shape
     cols = np.rint(uv[:, 0])
@@ -104,8 +113,40 @@ def depth_consistency(points_cam: np.ndarray, depth_map: np.ndarray, depth_intri
         & (rows >= 0) & (rows <= height - 1)
     measured = np.zeros(len(points_cam), dtype=np.float64)
     measured[inside] = depth_map[rows[inside].astype(np.int64), cols[inside].astype(np.int64)]
-    known = inside & (measured > 0)
-    return known & (np.abs(points_cam[:, 2] - measured) <= tolerance)
+    return measured
+
+
+def depth_agreement(points_cam: np.ndarray, depth_map: np.ndarray, depth_intrinsics: np.ndarray,
+                    tolerance: float, depth_min: float = 0.0,
+                    depth_max: float = float("inf")) -> tuple[float, int]:
+    """Does the pose put the scene where the depth map sees it? ``(fraction, n)``: of the ``n``
+    points with ``depth_min < z < depth_max`` that land on a known depth pixel, the fraction
+    within ``tolerance`` metres of it (0.0 when ``n == 0``). High for a right pose (occluded
+    points lower it), near 0 for a pose of another convention (world-to-camera) or frame."""
+    z = points_cam[:, 2]
+    measured = measured_depth(points_cam, depth_map, depth_intrinsics)
+    known = (measured > 0) & (z > depth_min) & (z < depth_max)
+    n = int(known.sum())
+    if n == 0:
+        return 0.0, 0
+    return float((np.abs(z[known] - measured[known]) <= tolerance).mean()), n
+
+
+def depth_in_color(depth_map: np.ndarray, depth_intrinsics: np.ndarray,
+                   color_intrinsics: np.ndarray, color_size: tuple[int, int]) -> float:
+    """Do the two intrinsics describe cameras that see the same view? The fraction of known
+    depth pixels whose ray lands inside the colour image of ``color_size = (W, H)`` (colour and
+    depth share the optical centre: ``K_color @ inv(K_depth) @ [u, v, 1]``); 0.0 when the map
+    has no known pixel. Near 1 for ScanNet's registered depth; a quarter for colour intrinsics
+    of twice the image's resolution."""
+    rows, cols = np.nonzero(depth_map > 0)
+    if len(rows) == 0:
+        return 0.0
+    k_c = np.asarray(color_intrinsics, dtype=np.float64)[:3, :3]
+    k_d = np.asarray(depth_intrinsics, dtype=np.float64)[:3, :3]
+    homog = np.stack([cols, rows, np.ones(len(rows))], axis=1) @ (k_c @ np.linalg.inv(k_d)).T
+    uv = homog[:, :2] / homog[:, 2:3]
+    return float(inside_image(uv, color_size).mean())
 
 
 def backproject_depth(depth_map: np.ndarray, depth_intrinsics: np.ndarray,
@@ -133,7 +174,12 @@ def reprojection_error(depth_map: np.ndarray, depth_intrinsics: np.ndarray,
     Depth pixels are back-projected to the world (depth intrinsics, pose) and projected again
     with :func:`project_points` into the colour frame. Colour and depth share the optical centre
     (ScanNet's registered depth), so the exact colour pixel of depth pixel ``p`` is
-    ``K_color @ inv(K_depth) @ [u, v, 1]``. Returns 0.0 when no pixel lands in the colour frame.
+    ``K_color @ inv(K_depth) @ [u, v, 1]``. Returns NaN when no pixel lands in the colour frame
+    (no figure, not a perfect one).
+
+    This round trip goes through the same pose and intrinsics both ways, so it cannot see a
+    pose of the wrong convention or intrinsics of the wrong image size: that is what
+    :func:`depth_agreement` and :func:`depth_in_color` are for.
     """
     points, pixels = backproject_depth(depth_map, depth_intrinsics, cam_to_world)
     proj = project_points(points, cam_to_world, color_intrinsics, color_size)
@@ -143,7 +189,7 @@ def reprojection_error(depth_map: np.ndarray, depth_intrinsics: np.ndarray,
     homog = np.concatenate([pixels, np.ones((len(pixels), 1))], axis=1) @ depth_to_color.T
     expected = homog[:, :2] / homog[:, 2:3]
     if not proj.valid.any():
-        return 0.0
+        return float("nan")
     err = np.linalg.norm(proj.uv[proj.valid].astype(np.float64) - expected[proj.valid], axis=1)
     return float(err.max())
 

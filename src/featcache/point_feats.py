@@ -41,6 +41,7 @@ import numpy as np
 from featcache.config import ParamError, require
 from featcache.engine.shards import INDEX_NAME, SHARDS_DIR, ShardReader, read_index
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
+from featcache.frames import frame_number, parse_frame_key
 from featcache.reader import FeatureStore, open_features
 
 if TYPE_CHECKING:
@@ -179,9 +180,12 @@ def grid_source(clip_grid: Path, scene: str) -> Path | None:
 
 
 def frame_index(item: str) -> tuple[str, int]:
-    """``(scene, frame index)`` of a uv-index key ``<scene>/frame_<idx>``."""
-    scene, _, frame = item.partition("/")
-    return scene, int(frame.removeprefix("frame_"))
+    """``(scene, frame index)`` of a uv-index key ``<scene>/frame_<idx>``
+    (:func:`featcache.frames.parse_frame_key`); ``ValueError`` for another key."""
+    parsed = parse_frame_key(item)
+    if parsed is None:
+        raise ValueError(f"{item!r} is not a uv-index frame key <scene>/frame_<idx>")
+    return parsed
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:
@@ -212,7 +216,9 @@ def _record_identities(folder: str, stamp: tuple[int, int, int]) -> dict[str, st
 def grid_records(source: Path) -> dict[int, tuple[str, str]]:
     """``frame index -> (grid key, record identity)`` of one scene's grids. Keys are the
     frames' image ids (``"3"``; or the stem, e.g. ``"000003"``, with the npy layout's stem
-    rule): any all-digit key is the frame of that number. For a lone ``.h5`` file (no
+    rule): any all-digit key is the frame of that number (:func:`featcache.frames.frame_number`,
+    the rule that also keys the uv index and the grid stages' image ids, so ``000011.jpg`` and
+    ``11.jpg`` both meet frame 11). For a lone ``.h5`` file (no
     sharded folder to take identities from) the identity is the file's content digest."""
     return _grid_records(str(source), _stamp(source))
 
@@ -230,8 +236,9 @@ def _grid_records(source: str, stamp: tuple[int, int, int]) -> dict[int, tuple[s
         ids = {k: digest for k in open_features(path, field=GRID_FIELD)}
     found: dict[int, tuple[str, str]] = {}
     for key in sorted(ids, key=lambda k: (len(k), k)):   # "3" before "003"
-        if key.isascii() and key.isdigit():
-            found.setdefault(int(key), (key, ids[key]))
+        number = frame_number(key)
+        if number is not None:
+            found.setdefault(number, (key, ids[key]))
     return found
 
 
@@ -374,6 +381,37 @@ def check_inputs(params: PointFeatsParams) -> None:
                          f"{clip_grid}: looked for <clip_grid>/<scene>/ (or <scene>.h5), e.g. "
                          f"{clip_grid / scenes[0]}; extract_clip_grid needs one split per "
                          "scene, named like the scene")
+    check_upscale(params, scenes)
+
+
+def grid_width(source: Path) -> tuple[int, str] | None:
+    """``(width, model)`` of a scene's stored grids (one grid read: ``(g*g, width)`` tokens or
+    ``(width, g, g)``), or ``None`` when there is no readable grid."""
+    try:
+        store = open_store(source, GRID_FIELD)
+        key = next(iter(store), None)
+        if key is None:
+            return None
+        grid = store[key]
+        model = str(store.provenance.get("model", "?"))
+    except (OSError, KeyError, ValueError):   # each frame reports it as a failure
+        return None
+    return (int(grid.shape[1]) if grid.ndim == 2 else int(grid.shape[0])), model
+
+
+def check_upscale(params: PointFeatsParams, scenes: list[str]) -> None:
+    """``upscale`` must divide the grids' channels into ``upscale²`` (PixelShuffle): checked on
+    every scene's stored grids before any work, naming the valid values."""
+    for scene in scenes:
+        source = grid_source(Path(params.clip_grid), scene)
+        found = grid_width(source) if source is not None else None
+        if found is None or found[0] % params.upscale ** 2 == 0:
+            continue
+        width, model = found
+        valid = [u for u in range(1, math.isqrt(width) + 1) if width % (u * u) == 0]
+        raise ParamError(f"{STAGE}.upscale: {params.upscale} does not fit the {width}-channel "
+                         f"grids of {model} (scene {scene}): PixelShuffle needs the channels "
+                         f"divisible by upscale²; use one of {valid}")
 
 
 def method_params(params: PointFeatsParams) -> dict[str, object]:

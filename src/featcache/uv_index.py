@@ -11,10 +11,27 @@ or when the depth pixel is 0 (unknown). One record per frame, key ``<scene>/fram
 - ``uv_idx (N,2) float32``: pixel (x right, y down, pixel centres at integers);
 - ``valid (N,) bool``; ``depth (N,) float32`` camera z in metres; ``conf_2d (N,) float32``;
 - ``frame`` (str, the colour file stem), ``image_size (2,) int32`` = (W, H) of the colour frame,
-  ``reproj_err_px`` (float32 scalar, see :func:`featcache.geometry.reprojection_error`).
+  ``reproj_err_px`` (float32 scalar, see :func:`featcache.geometry.reprojection_error`);
+- ``k_color``, ``k_depth (3,3) float64``: the intrinsics used, ``intrinsics_scaled`` (uint8
+  scalar: 1 colour, 2 depth, 3 both were scaled from their calibration size, see
+  :func:`featcache.scannet.fit_intrinsics`);
+- ``depth_agreement``, ``depth_in_image`` (float32 scalars): the frame checks below;
+- ``nonfinite_points`` (int32 scalar): cloud vertices with NaN/inf coordinates, stored as not
+  valid with ``uv_idx = -1``, ``depth = 0`` (indices stay those of the cloud).
 
-Frames with a non-finite pose, a missing file or an all-zero depth map become rows of
-``failures.tsv``.
+Frame checks (each can fail, unlike the re-projection round trip through the same pose and
+intrinsics): ``depth_agreement`` = of the scene points that land on a known depth pixel, the
+fraction within ``occlusion_tolerance`` of it (:func:`featcache.geometry.depth_agreement`;
+near 0 for a world-to-camera pose) must reach ``min_depth_agreement``; ``depth_in_image`` =
+the fraction of known depth pixels whose ray lands inside the colour image
+(:func:`featcache.geometry.depth_in_color`; ~1/4 for colour intrinsics of twice the image's
+resolution) must reach ``min_depth_in_image``. A frame that fails one is a ``pose_check`` /
+``intrinsics_check`` row, never a record. Depth maps are therefore required, also with
+``occlusion_check: false``.
+
+Frames with a non-finite pose, a missing file, an all-zero depth map or intrinsics that do not
+fit the image become rows of ``failures.tsv``; so does a scene-list entry that is not a folder
+name inside ``scans/`` (never opened).
 
 Layouts: ``shards`` (default) is the sharded folder ``<out>/index.h5`` + ``<out>/shards/``
 (read it with ``featcache.open_features(out)[key]``, a dict of the fields above); ``npz`` also
@@ -39,6 +56,8 @@ import numpy as np
 from featcache import geometry, scannet
 from featcache.config import ParamError, require
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
+from featcache.frames import frame_key as _frame_key
+from featcache.frames import frame_number, parse_frame_key
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +97,9 @@ class UvIndexParams(EngineParams):
     depth_scale: float = 1000.0
     occlusion_check: bool = True
     occlusion_tolerance: float = 0.05
+    principal_point_tolerance: float = 0.05
+    min_depth_agreement: float = 0.2
+    min_depth_in_image: float = 0.5
     compression: Literal["none", "gzip"] = "none"
     layout: Literal["shards", "npz"] = "shards"
 
@@ -91,12 +113,18 @@ class UvIndexParams(EngineParams):
         require(self.occlusion_tolerance > 0, "occlusion_tolerance", "must be > 0 metres")
         require(self.point_cloud.endswith((".ply", ".npy")), "point_cloud",
                 "must name a .ply or .npy file, e.g. {scene}_vh_clean_2.ply")
+        require(0 < self.principal_point_tolerance < 0.5, "principal_point_tolerance",
+                "must be a fraction of the image side in (0, 0.5), e.g. 0.05")
+        for key in ("min_depth_agreement", "min_depth_in_image"):
+            require(0 < getattr(self, key) <= 1, key, "must be a fraction in (0, 1]")
 
 
 @dataclass(frozen=True)
 class FrameData:
-    """One frame's inputs: pose ``(4,4)`` camera-to-world, ``K (3,3)`` colour and depth,
-    colour ``size (W, H)``, ``depth (h,w) float32`` metres (0 = unknown)."""
+    """One frame's inputs: pose ``(4,4)`` camera-to-world, ``K (3,3)`` colour and depth as
+    fitted to their images (:func:`featcache.scannet.fit_intrinsics`; ``scaled`` bit 1 colour,
+    bit 2 depth), colour ``size (W, H)``, ``depth (h,w) float32`` metres (0 = unknown);
+    ``notes``: the provenance notes of scaled intrinsics."""
 
     stem: str
     pose: np.ndarray
@@ -104,45 +132,98 @@ class FrameData:
     k_depth: np.ndarray
     size: tuple[int, int]
     depth: np.ndarray
+    scaled: int = 0
+    notes: dict[str, object] | None = None
 
 
 def frame_key(scene: str, stem: str) -> str:
-    """Output key of a frame: ``<scene>/frame_<idx:06d>``."""
-    return f"{scene}/frame_{int(stem):06d}"
+    """Output key of a frame (``<scene>/frame_<idx:06d>``) from its file stem, plain or
+    zero-padded: :func:`featcache.frames.frame_key` of the stem's number."""
+    number = frame_number(stem)
+    if number is None:
+        raise ValueError(f"frame stem {stem!r} is not a number")
+    return _frame_key(scene, number)
 
 
 def index_frame(points: np.ndarray, frame: FrameData, params: UvIndexParams,
                 ) -> dict[str, np.ndarray]:
-    """The uv index of one frame for world points ``(N,3)``: the npz fields (module doc)."""
-    proj = geometry.project_points(points, frame.pose, frame.k_color, frame.size,
+    """The uv index of one frame for world points ``(N,3)``: the npz fields (module doc).
+
+    Raises ``pose_check`` / ``intrinsics_check`` (:class:`~featcache.scannet.ScanNetError`)
+    when a frame check fails; non-finite points are stored as not valid, never as NaN.
+    """
+    finite = np.isfinite(points).all(axis=1)
+    pts = points if finite.all() else np.where(finite[:, None], points, 0).astype(points.dtype)
+    proj = geometry.project_points(pts, frame.pose, frame.k_color, frame.size,
                                    params.depth_min, params.depth_max)
-    conf = proj.valid
+    valid = proj.valid & finite
+    cam = geometry.world_to_camera(pts[finite], frame.pose)
+    agreement, _ = geometry.depth_agreement(cam, frame.depth, frame.k_depth,
+                                            params.occlusion_tolerance, params.depth_min,
+                                            params.depth_max)
+    in_image = geometry.depth_in_color(frame.depth, frame.k_depth, frame.k_color, frame.size)
+    if in_image < params.min_depth_in_image:
+        raise scannet.ScanNetError("intrinsics_check", (
+            f"frame {frame.stem}: only {in_image:.1%} of the depth pixels land inside the "
+            f"{frame.size[0]}x{frame.size[1]} colour image (min_depth_in_image "
+            f"{params.min_depth_in_image}): colour and depth intrinsics do not describe this "
+            "image and depth map"))
+    if agreement < params.min_depth_agreement:
+        raise scannet.ScanNetError("pose_check", (
+            f"frame {frame.stem}: only {agreement:.1%} of the scene points on known depth "
+            f"pixels agree with the depth map within {params.occlusion_tolerance} m "
+            f"(min_depth_agreement {params.min_depth_agreement}): the pose is not this "
+            "frame's camera-to-world pose (world-to-camera? another frame's?)"))
+    conf = valid
     if params.occlusion_check:
-        cam = geometry.world_to_camera(points, frame.pose)
-        conf = conf & geometry.depth_consistency(cam, frame.depth, frame.k_depth,
+        conf = conf & geometry.depth_consistency(geometry.world_to_camera(pts, frame.pose),
+                                                 frame.depth, frame.k_depth,
                                                  params.occlusion_tolerance)
     err = geometry.reprojection_error(frame.depth, frame.k_depth, frame.k_color, frame.pose,
                                       frame.size)
+    if not np.isfinite(err):
+        raise scannet.ScanNetError("intrinsics_check", f"frame {frame.stem}: no depth pixel "
+                                                       "lands inside the colour image")
     return {
-        "uv_idx": proj.uv, "valid": proj.valid, "depth": proj.depth,
+        "uv_idx": np.where(finite[:, None], proj.uv, np.float32(geometry.UV_BEHIND)),
+        "valid": valid, "depth": np.where(finite, proj.depth, np.float32(0)),
         "conf_2d": conf.astype(np.float32), "frame": np.array(frame.stem),
         "image_size": np.array(frame.size, dtype=np.int32),
         "reproj_err_px": np.array(err, dtype=np.float32),
+        "k_color": np.asarray(frame.k_color, dtype=np.float64),
+        "k_depth": np.asarray(frame.k_depth, dtype=np.float64),
+        "intrinsics_scaled": np.array(frame.scaled, dtype=np.uint8),
+        "depth_agreement": np.array(agreement, dtype=np.float32),
+        "depth_in_image": np.array(in_image, dtype=np.float32),
+        "nonfinite_points": np.array(int((~finite).sum()), dtype=np.int32),
     }
 
 
-def read_frame(scene_dir: Path, stem: str, depth_scale: float) -> FrameData:
-    """Read one frame; raises :class:`~featcache.scannet.ScanNetError` on bad input."""
+def read_frame(scene_dir: Path, stem: str, depth_scale: float,
+               principal_point_tolerance: float = 0.05) -> FrameData:
+    """Read one frame, with both intrinsics fitted to their images (colour: the colour file's
+    display size; depth: the depth map's size; calibration sizes from ``<scene>.txt`` when it
+    has them); raises :class:`~featcache.scannet.ScanNetError` on bad input."""
     paths = scannet.frame_paths(scene_dir, stem)
     pose = scannet.read_pose(paths.pose)
     depth = scannet.read_depth(paths.depth, depth_scale)
     if not (depth > 0).any():
         raise scannet.ScanNetError("empty_depth", f"{paths.depth.name}: depth map is all zero")
     intrinsic = scene_dir / "intrinsic"
-    return FrameData(stem=stem, pose=pose,
-                     k_color=scannet.read_intrinsics(intrinsic / "intrinsic_color.txt"),
-                     k_depth=scannet.read_intrinsics(intrinsic / "intrinsic_depth.txt"),
-                     size=scannet.read_image_size(paths.color), depth=depth)
+    meta = scannet.read_scene_meta(scene_dir / f"{scene_dir.name}.txt")
+    size = scannet.read_image_size(paths.color)
+    depth_size = (int(depth.shape[1]), int(depth.shape[0]))
+    color = scannet.fit_intrinsics(scannet.read_intrinsics(intrinsic / "intrinsic_color.txt"),
+                                   size, "intrinsic_color.txt", principal_point_tolerance,
+                                   scannet.calibration_size(meta, "color"))
+    deep = scannet.fit_intrinsics(scannet.read_intrinsics(intrinsic / "intrinsic_depth.txt"),
+                                  depth_size, "intrinsic_depth.txt", principal_point_tolerance,
+                                  scannet.calibration_size(meta, "depth"))
+    notes = {name: note for name, note in (("color", color.note(size)),
+                                           ("depth", deep.note(depth_size))) if note}
+    scaled = (color.scaled_from is not None) + 2 * (deep.scaled_from is not None)
+    return FrameData(stem=stem, pose=pose, k_color=color.k, k_depth=deep.k, size=size,
+                     depth=depth, scaled=scaled, notes=notes or None)
 
 
 def frame_stems(scene_dir: Path) -> dict[int, str]:
@@ -162,8 +243,8 @@ def _mtime_ns(path: Path) -> int:
 @lru_cache(maxsize=64)
 def _cached_stems(scene_dir: str, stamp: tuple[int, ...]) -> dict[int, str]:
     stems: dict[int, str] = {}
-    for stem in sorted(scannet.list_frame_stems(Path(scene_dir)), key=lambda s: (int(s), s)):
-        stems.setdefault(int(stem), stem)
+    for stem in scannet.list_frame_stems(Path(scene_dir)):   # numeric order, "3" before "003"
+        stems.setdefault(frame_number(stem), stem)
     return stems
 
 
@@ -195,23 +276,46 @@ class UvIndexJob:
     def scene_dir(self, scene: str) -> Path:
         return self.root / "scans" / scene
 
+    def scenes(self) -> list[str]:
+        """The scene list's entries, in order, each once (bad names included)."""
+        return list(dict.fromkeys(scannet.read_scene_list(self.root / self.params.scenes)))
+
     def items(self) -> list[str]:
+        """Per scene its selected frames' keys; the bare scene id when it has no frames; the
+        quoted entry (``'../x'``, never a key) for an entry that is not a scene name."""
         items = []
-        for scene in dict.fromkeys(scannet.read_scene_list(self.root / self.params.scenes)):
+        for scene in self.scenes():
+            if scannet.check_scene_name(scene) is not None:
+                items.append(repr(scene))
+                continue
             stems = scannet.list_frame_stems(self.scene_dir(scene))
             chosen = scannet.select_frames(stems, self.params.frames_per_scene,
                                            self.params.frame_stride)
             items += [frame_key(scene, s) for s in chosen] if chosen else [scene]
-        return items
+        return list(dict.fromkeys(items))
+
+    def _parse(self, item: str) -> tuple[str, int | None] | str:
+        """``(scene, frame number or None for a bare scene)``, or why ``item`` names no scene
+        folder (then nothing is opened)."""
+        parsed = parse_frame_key(item)
+        scene, number = parsed if parsed is not None else (item, None)
+        if parsed is None and "/" in item or scannet.check_scene_name(scene) is not None:
+            entry = item[1:-1] if item[:1] in "'\"" and item[-1:] == item[:1] else item
+            return scannet.check_scene_name(entry) or f"{item!r} is not a frame key"
+        return scene, number
 
     def load(self, item: str) -> list[Piece | Failure]:
-        scene, _, frame = item.partition("/")
+        parsed = self._parse(item)
+        if isinstance(parsed, str):
+            return [Failure(item, "bad_scene_name", parsed)]
+        scene, number = parsed
         scene_dir = self.scene_dir(scene)
-        if not frame:
+        if number is None:
             return [Failure(item, "missing_scene", f"no frames found in {scene_dir}")]
         try:
-            stem = self._stem(scene_dir, int(frame.removeprefix("frame_")))
-            data = read_frame(scene_dir, stem, self.params.depth_scale)
+            stem = self._stem(scene_dir, number)
+            data = read_frame(scene_dir, stem, self.params.depth_scale,
+                              self.params.principal_point_tolerance)
             cloud = scene_dir / self.params.point_cloud.format(scene=scene)
             arrays = index_frame(load_points(cloud), data, self.params)
         except scannet.ScanNetError as e:
@@ -220,15 +324,19 @@ class UvIndexJob:
 
     def signature(self, item: str) -> str:
         """Content signature of exactly the files :meth:`load` reads for ``item``: the
-        frame's colour, depth and pose, both intrinsics and the scene's point cloud (a file
-        that is missing signs as missing, so its appearance changes the signature)."""
+        frame's colour, depth and pose, both intrinsics, the scene meta and the scene's point
+        cloud (a file that is missing signs as missing, so its appearance changes the
+        signature)."""
         from featcache.engine import file_signature
 
-        scene, _, frame = item.partition("/")
-        if not frame:
+        parsed = self._parse(item)
+        if isinstance(parsed, str):
+            return file_signature([], extra=f"bad scene name\t{item}")
+        scene, number = parsed
+        if number is None:
             return file_signature([], extra="no frames")
         scene_dir = self.scene_dir(scene)
-        stem = self._stem(scene_dir, int(frame.removeprefix("frame_")))
+        stem = self._stem(scene_dir, number)
         colors = [scene_dir / "color" / f"{stem}{s}" for s in scannet.COLOR_SUFFIXES]
         color = next((p for p in colors if p.is_file()), colors[0])
         intrinsic = scene_dir / "intrinsic"
@@ -236,8 +344,30 @@ class UvIndexJob:
                                scene_dir / "pose" / f"{stem}.txt",
                                intrinsic / "intrinsic_color.txt",
                                intrinsic / "intrinsic_depth.txt",
+                               scene_dir / f"{scene}.txt",
                                scene_dir / self.params.point_cloud.format(scene=scene)],
                               extra=item)
+
+    def calibration(self) -> dict[str, object]:
+        """Per scene, how its intrinsics were fitted to its first selected frame (the
+        provenance's ``intrinsics`` entry): only scenes whose intrinsics were scaled, or that
+        do not fit (``error``)."""
+        found: dict[str, object] = {}
+        for item in self.items():
+            parsed = self._parse(item)
+            if isinstance(parsed, str) or parsed[1] is None or parsed[0] in found:
+                continue
+            scene, number = parsed
+            try:
+                data = read_frame(self.scene_dir(scene), self._stem(self.scene_dir(scene),
+                                                                     number),
+                                  self.params.depth_scale, self.params.principal_point_tolerance)
+            except scannet.ScanNetError as e:
+                if e.code == "intrinsics_mismatch":
+                    found[scene] = {"error": str(e)}
+                continue
+            found[scene] = data.notes
+        return {scene: note for scene, note in found.items() if note}
 
     @staticmethod
     def _stem(scene_dir: Path, index: int) -> str:
@@ -250,19 +380,33 @@ def summarise(out: Path) -> dict[str, float]:
     visibility fractions."""
     from featcache.reader import open_features
 
-    stores = {name: open_features(out, field=name) for name in ("reproj_err_px", "valid",
-                                                                 "conf_2d")}
-    errors, valid, visible = [], [], []
+    names = ("reproj_err_px", "valid", "conf_2d", "depth_agreement", "depth_in_image",
+             "intrinsics_scaled", "nonfinite_points")
+    stores = {name: open_features(out, field=name) for name in names}
+    errors, valid, visible, agreement, in_image = [], [], [], [], []
+    scaled, nonfinite = 0, {}
     for key in sorted(stores["valid"]):
         ok = stores["valid"][key]
         errors.append(float(stores["reproj_err_px"][key]))
         valid.append(float(ok.mean()) if ok.size else 0.0)
         visible.append(float(stores["conf_2d"][key].sum() / max(ok.sum(), 1)))
+        agreement.append(float(stores["depth_agreement"][key]))
+        in_image.append(float(stores["depth_in_image"][key]))
+        scaled += int(stores["intrinsics_scaled"][key]) != 0
+        nonfinite[key.split("/")[0]] = int(stores["nonfinite_points"][key])
+
+    def mean(values: list[float]) -> float | None:   # no frame: no figure, not a 0
+        return float(np.mean(values)) if values else None
+
     return {
         "frames": len(errors),
-        "reprojection_max_px": max(errors, default=0.0),
-        "valid_fraction_mean": float(np.mean(valid)) if valid else 0.0,
-        "visible_of_valid_mean": float(np.mean(visible)) if visible else 0.0,
+        "reprojection_max_px": max(errors) if errors else None,
+        "valid_fraction_mean": mean(valid),
+        "visible_of_valid_mean": mean(visible),
+        "depth_agreement_min": min(agreement) if agreement else None,
+        "depth_in_image_min": min(in_image) if in_image else None,
+        "intrinsics_scaled_frames": scaled,
+        "nonfinite_points": sum(nonfinite.values()),
     }
 
 
@@ -297,7 +441,14 @@ def build_uv_index(params: UvIndexParams) -> RunResult:
 
     check_inputs(params)
     job = UvIndexJob(params)
-    provenance = {"params": method_params(params), "conventions": geometry.__doc__}
+    intrinsics = job.calibration()
+    for scene, note in intrinsics.items():
+        if "error" in note:
+            log.error("%s %s: %s", STAGE, scene, note["error"])
+        else:
+            log.warning("%s %s: intrinsics scaled to the image size: %s", STAGE, scene, note)
+    provenance = {"params": method_params(params), "conventions": geometry.__doc__,
+                  "intrinsics": intrinsics}
     result = run_job(job, None, stage=STAGE, out=params.out, writer=params.layout,
                      writer_options=WriterOptions(compression=params.compression),
                      provenance=provenance, fingerprint={"params": fingerprint_params(params)},
@@ -307,7 +458,7 @@ def build_uv_index(params: UvIndexParams) -> RunResult:
         return result
     metrics = summarise(Path(params.out))
     log.info("%s: %d frames written (%d computed, %d reused), %d failed, max re-projection "
-             "error %.2e px", STAGE, result.records, result.computed, result.reused,
+             "error %s px", STAGE, result.records, result.computed, result.reused,
              result.failed, metrics["reprojection_max_px"])
     finish_stage(STAGE, params.out, [result], params, extra=metrics)
     return result

@@ -164,9 +164,13 @@ def check_edges(report: Report, folder: Path) -> None:
 
 
 def check_uv_index(report: Report, folder: Path, metrics: Path, max_px: float) -> None:
-    """build_uv_index: per-frame arrays, points inside the image, re-projection, coverage;
-    with the npz layout also every ``<scene>/frame_<idx>.npz`` (the shards' arrays)."""
+    """build_uv_index: per-frame arrays (finite), points inside the image, re-projection and
+    the frame checks that can fail (depth agreement, depth pixels inside the colour image,
+    principal point near the image centre; thresholds from the output's params), coverage;
+    with the npz layout also every ``<scene>/frame_<idx>.npz`` (the shards' arrays).
+    No frame: no error figure (``max_px`` is None) and the re-projection check fails."""
     from featcache.config import build_dataclass
+    from featcache.scannet import principal_point_offset
     from featcache.uv_index import STAGE as UV_STAGE
     from featcache.uv_index import UvIndexJob, UvIndexParams
 
@@ -174,7 +178,11 @@ def check_uv_index(report: Report, folder: Path, metrics: Path, max_px: float) -
     if store is None:
         return
     shapes, reproj = report("uv_index.shapes"), report("uv_index.reprojection")
-    worst = 0.0
+    frames = report("uv_index.frame_checks")
+    params = None
+    with problems_to(frames, "provenance"):
+        params = build_dataclass(UvIndexParams, store.provenance["params"], UV_STAGE)
+    worst: float | None = None
     for key, a in npz_items(report, "uv_index", store):
         shapes.items += 1
         n = len(a["uv_idx"]) if isinstance(a.get("uv_idx"), np.ndarray) else None
@@ -190,23 +198,51 @@ def check_uv_index(report: Report, folder: Path, metrics: Path, max_px: float) -
             shapes.expect(bool(inside), f"{key}: a valid point lies outside the image")
             shapes.expect(bool((a["conf_2d"][~valid] == 0).all()),
                           f"{key}: conf_2d > 0 where not valid")
+            shapes.expect(all(bool(np.isfinite(a[f]).all()) for f in ("uv_idx", "depth",
+                                                                      "conf_2d")),
+                          f"{key}: non-finite values stored")
+        if params is not None:
+            check_frame(frames, key, a, params, principal_point_offset)
         reproj.items += 1
         err = float(a.get("reproj_err_px", np.nan))
-        worst = max(worst, err) if np.isfinite(err) else np.inf
+        worst = max(worst or 0.0, err) if np.isfinite(err) else np.inf
         reproj.expect(err < max_px, f"{key}: re-projection error {err} px >= {max_px}")
-    reproj.numbers["max_px"] = round(worst, 6)
+    reproj.expect(reproj.items > 0, "no frame written: there is no error figure to check")
+    reproj.numbers["max_px"] = None if worst is None else round(worst, 6)
     if store.provenance.get("layout") == "npz":
         check_frame_npz_files(report("uv_index.npz_view"), folder, store)
     if metrics.as_posix() not in ("", "."):
         with problems_to(reproj, metrics.name):
-            metric = float(json.loads(metrics.read_text())["reprojection_max_px"])
+            metric = json.loads(metrics.read_text())["reprojection_max_px"]
             reproj.numbers["metric_reprojection_max_px"] = metric
-            reproj.expect(metric < max_px, f"{metrics}: reprojection_max_px {metric} >= {max_px}")
+            reproj.expect(metric is not None and float(metric) < max_px,
+                          f"{metrics}: reprojection_max_px {metric} (want < {max_px})")
     with problems_to(report("uv_index.coverage"), "provenance"):
         params = build_dataclass(UvIndexParams, store.provenance["params"], UV_STAGE)
         expected = [(item, (item,)) for item in UvIndexJob(params).items()]
         check_coverage(report("uv_index.coverage"), expected, set(store),
                        all_failed(failed))
+
+
+def check_frame(check: Check, key: str, a: Mapping[str, np.ndarray], params: object,
+                offset: object) -> None:
+    """One uv-index record's frame checks: ``depth_agreement`` >= ``min_depth_agreement``,
+    ``depth_in_image`` >= ``min_depth_in_image``, the colour intrinsics' principal point within
+    ``principal_point_tolerance`` of the image centre."""
+    check.items += 1
+    for field, minimum in (("depth_agreement", params.min_depth_agreement),
+                           ("depth_in_image", params.min_depth_in_image)):
+        value = a.get(field)
+        shown = "missing" if value is None else f"{float(value):.3f}"
+        check.expect(value is not None and float(value) >= minimum,
+                     f"{key}: {field} {shown}, want >= {minimum}")
+    k, size = a.get("k_color"), a.get("image_size")
+    if check.expect(k is not None and k.shape == (3, 3) and size is not None,
+                    f"{key}: no k_color (3,3) recorded"):
+        off = offset(k, (int(size[0]), int(size[1])))
+        check.expect(off <= params.principal_point_tolerance,
+                     f"{key}: principal point {off:.1%} of the image side from its centre "
+                     f"(> {params.principal_point_tolerance})")
 
 
 def check_point_feats(report: Report, folder: Path, uv_folder: Path) -> None:
