@@ -102,8 +102,10 @@ def image_key(name: str, rule: KeyRule) -> str:
     if rule == "stem":
         return stem
     match = _COCO_NAME.match(stem)
-    digits = match.group(1) if match else stem
-    return str(int(digits)) if digits.isascii() and digits.isdigit() else stem
+    from featcache.frames import frame_number
+
+    number = frame_number(match.group(1) if match else stem)
+    return stem if number is None else str(number)
 
 
 def list_splits(params: GridParams, stage: str) -> dict[str, tuple[Path, list[Path]]]:
@@ -309,7 +311,8 @@ def run_grid_stage(plan: GridPlan, shared: SharedParams, params: GridParams) -> 
                           params.precision)
     results = [run_split(plan, params, name, folder, paths, compute)
                for name, (folder, paths) in splits.items()]
-    finish_stage(plan.stage, params.out, results, params)
+    finish_stage(plan.stage, params.out, results, params, extra={"inputs": inputs})
+    inputs = survey_splits(plan.stage, splits)
     return results
 
 
@@ -319,6 +322,29 @@ def run_split(plan: GridPlan, params: GridParams, split: str, folder: Path, path
     from featcache.encoders import Preprocessor
     from featcache.engine import WriterOptions, run_job
     from featcache.engine.distributed import init_distributed
+
+def survey_splits(stage: str, splits: dict[str, tuple[Path, list[Path]]],
+                  ) -> dict[str, dict[str, int]]:
+    """Per split: ``images`` listed, plus :func:`featcache.images.survey_folder`'s counts
+    (files that are not images, sub-folders, 16-bit files with a low range), logged when
+    non-zero: the metrics' ``inputs`` entry."""
+    from featcache.images import IMAGE_EXTENSIONS, survey_folder
+
+    inputs = {}
+    for name, (folder, paths) in splits.items():
+        counts = {"images": len(paths), **survey_folder(folder, paths)}
+        if counts["non_image_files"] or counts["sub_folders"]:
+            log.warning("%s %s: %d files that are not images (extensions %s) and %d "
+                        "sub-folders in %s are not read", stage, name,
+                        counts["non_image_files"], " ".join(IMAGE_EXTENSIONS),
+                        counts["sub_folders"], folder)
+        if counts["low_range_16bit"]:
+            log.warning("%s %s: %d 16-bit images use under 12 bits and do not say how many "
+                        "are significant: they are nearly black", stage, name,
+                        counts["low_range_16bit"])
+        inputs[name] = counts
+    return inputs
+
 
     npy = params.layout == "npy"
     rule: KeyRule = "stem" if npy else "image_id"
