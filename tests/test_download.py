@@ -35,6 +35,8 @@ class ServerState:
     files: dict[str, bytes] = field(default_factory=dict)
     drops: list[int] = field(default_factory=list)  # per request: bytes sent before dropping
     ignore_range: bool = False
+    no_length: bool = False   # send no Content-Length (the server closes to end the body)
+    versions: list[bytes] = field(default_factory=list)   # per request: the file's bytes
     ranges: list[str | None] = field(default_factory=list)
     base: str = ""
 
@@ -44,6 +46,8 @@ class _Handler(BaseHTTPRequestHandler):
         state: ServerState = self.server.state  # type: ignore[attr-defined]
         state.ranges.append(self.headers.get("Range"))
         data = state.files.get(self.path)
+        if data is not None and state.versions:
+            data = state.versions.pop(0)
         if data is None:
             self.send_error(404)
             return
@@ -60,7 +64,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if not state.no_length:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         cut = state.drops.pop(0) if state.drops else len(body)
         self.wfile.write(body[:cut])  # HTTP/1.0: the connection closes after the handler

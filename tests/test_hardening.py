@@ -244,3 +244,38 @@ def test_coco_unparsable_json_is_one_error_naming_it(tmp_path, text):
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(ParamError, match=r"panoptic_val2017\.json: not readable JSON"):
         _coco_job(tmp_path)
+
+
+# ------------------------------------------------------------ downloads (point 8)
+
+
+from test_download import ServerState, _payload, _sha, server  # noqa: E402,F401 - fixture
+
+
+def test_download_without_length_is_complete_only_at_the_announced_size(server, tmp_path):
+    """The SA-1B case: no checksum, no Content-Length, the server closes early."""
+    from featcache.archives import fetch
+
+    data = _payload()
+    server.files["/sa_0.tar"] = data
+    server.no_length, server.drops = True, [1000, 5000]
+    dest = fetch(f"{server.base}/sa_0.tar", tmp_path / "sa_0.tar", None, backoff_s=0)
+    assert dest.read_bytes() == data
+    assert (tmp_path / "sa_0.tar.sha256").read_text().split()[0] == _sha(data)
+    assert server.ranges[1:] == ["bytes=1000-", "bytes=6000-"]
+
+
+def test_download_checksum_mismatch_restarts_once_from_scratch(server, tmp_path):
+    from featcache.archives import ChecksumError, fetch
+
+    data = _payload()
+    other = bytes(reversed(data))     # the first transfer joined another version of the file
+    server.files["/w.pt"] = data
+    server.versions, server.drops = [other, data, data], [1000]
+    dest = fetch(f"{server.base}/w.pt", tmp_path / "w.pt", _sha(data), backoff_s=0)
+    assert dest.read_bytes() == data
+    assert server.ranges == [None, "bytes=1000-", None]    # resumed, then once from scratch
+    server.versions, server.ranges = [other, other], []
+    with pytest.raises(ChecksumError):
+        fetch(f"{server.base}/w.pt", tmp_path / "x.pt", _sha(data), backoff_s=0)
+    assert server.ranges == [None, None] and not list(tmp_path.glob("x.pt*"))

@@ -3,8 +3,13 @@
 :func:`fetch` streams a URL to ``<dest>.part``, resumes after a dropped connection with an HTTP
 ``Range`` request (a ``206`` reply is appended; a server that ignores ``Range`` and answers
 ``200`` makes the transfer restart from byte 0), verifies the sha256 or md5, and only then moves
-the file to ``dest`` with ``os.replace``. On a checksum mismatch the ``.part`` is deleted and
-nothing is left at ``dest``. Without a known checksum the file's sha256 is recorded in a
+the file to ``dest`` with ``os.replace``. A transfer is complete only when the ``.part`` holds
+the size the server announced (``Content-Length`` of a ``200``, the total of a ``Content-Range``);
+a connection closed before that resumes. When a reply announced no size, one more ``Range``
+request from the end asks for it (``416`` with the total confirms, ``206`` brings the rest);
+only a server that answers neither way leaves the size unchecked, with a warning. On a checksum
+mismatch the file is downloaded once more from scratch; a second mismatch deletes the ``.part``
+and leaves nothing at ``dest``. Without a known checksum the file's sha256 is recorded in a
 ``<dest>.sha256`` sidecar (``sha256sum`` format) and a warning says so; later runs check
 against it.
 
@@ -77,12 +82,20 @@ def fetch(url: str, dest: str | Path, sha256: str | None = None, *, md5: str | N
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    _transfer_with_retries(url, part, retries, timeout, backoff_s)
-    digests = file_digests(part)
-    for algorithm, expected in (("sha256", sha256), ("md5", md5)):
-        if expected is not None and digests[algorithm] != expected.lower():
-            part.unlink()
+    for round_ in range(2):
+        _transfer_with_retries(url, part, retries, timeout, backoff_s)
+        digests = file_digests(part)
+        wrong = [(algorithm, expected) for algorithm, expected in (("sha256", sha256),
+                                                                    ("md5", md5))
+                 if expected is not None and digests[algorithm] != expected.lower()]
+        if not wrong:
+            break
+        part.unlink()
+        algorithm, expected = wrong[0]
+        if round_:
             raise ChecksumError(url, algorithm, expected, digests[algorithm])
+        log.warning("%s: %s mismatch (a resumed transfer may have joined two versions); "
+                    "downloading it once more from scratch", url, algorithm)
     os.replace(part, dest)
     if sha256 is None:
         _write_sidecar(dest, digests["sha256"], url, warn=md5 is None)
@@ -129,7 +142,10 @@ def _transfer_with_retries(url: str, part: Path, retries: int, timeout: float,
                            backoff_s: float) -> None:
     for attempt in range(retries + 1):
         try:
-            _transfer_once(url, part, timeout)
+            total = _transfer_once(url, part, timeout)
+            if total is None:   # no size announced: ask for the bytes after the end
+                total = _transfer_once(url, part, timeout)
+            _check_complete(url, part, total)
             return
         except _Retryable as e:
             if attempt == retries:
@@ -141,8 +157,22 @@ def _transfer_with_retries(url: str, part: Path, retries: int, timeout: float,
             time.sleep(delay)
 
 
-def _transfer_once(url: str, part: Path, timeout: float) -> None:
-    """One request: append to ``part`` from its current size, or restart it."""
+def _check_complete(url: str, part: Path, total: int | None) -> None:
+    """Raise :class:`_Retryable` unless ``part`` holds the announced ``total`` bytes."""
+    size = part.stat().st_size if part.exists() else 0
+    if total is None:
+        log.warning("%s: the server announced no size (no Content-Length, no Range support); "
+                    "the %d bytes received cannot be checked for completeness", url, size)
+    elif size < total:
+        raise _Retryable(f"connection closed after {size} of {total} bytes")
+    elif size > total:
+        part.unlink()
+        raise _Retryable(f"received {size} bytes, more than the announced {total}; restarting")
+
+
+def _transfer_once(url: str, part: Path, timeout: float) -> int | None:
+    """One request: append to ``part`` from its current size, or restart it. Returns the
+    file's total size as the server announced it (``None`` if it did not)."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT}
     if offset:
@@ -151,27 +181,33 @@ def _transfer_once(url: str, part: Path, timeout: float) -> None:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                           timeout=timeout)
     except urllib.error.HTTPError as e:
-        _raise_for_status(url, part, offset, e)
-        return  # 416 for a range starting at the end: the .part is already complete
+        return _raise_for_status(url, part, offset, e)   # 416 at the end: complete
     except (OSError, http.client.HTTPException) as e:
         raise _Retryable(f"{type(e).__name__}: {e}") from None
     with response:
+        total = None
         if offset and response.status == 206:
             start = _content_range_start(response.headers.get("Content-Range"))
             if start != offset:
                 part.unlink()
                 raise _Retryable(f"server resumed at byte {start}, not {offset}; restarting")
-        elif offset:
-            log.info("%s: server ignored the Range request; restarting from byte 0", url)
-            offset = 0
+            total = _content_range_total(response.headers.get("Content-Range"))
+        else:
+            if offset:
+                log.info("%s: server ignored the Range request; restarting from byte 0", url)
+                offset = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
         _copy_body(response, part, append=offset > 0)
+        return total
 
 
-def _raise_for_status(url: str, part: Path, offset: int, e: urllib.error.HTTPError) -> None:
+def _raise_for_status(url: str, part: Path, offset: int, e: urllib.error.HTTPError) -> int:
+    """The total size when a ``416`` says the ``.part`` is complete; else raise."""
     if e.code == 416 and offset:  # range not satisfiable: the .part is complete or wrong
-        total = e.headers.get("Content-Range", "").rpartition("/")[2]
-        if total.isdigit() and int(total) == offset:
-            return
+        total = _content_range_total(e.headers.get("Content-Range"))
+        if total == offset:
+            return total
         part.unlink()
         raise _Retryable("server rejected the resume range; restarting") from None
     if e.code in (408, 429) or e.code >= 500:
@@ -186,6 +222,13 @@ def _content_range_start(value: str | None) -> int:
         return int((value or "").split()[1].split("-")[0])
     except (IndexError, ValueError):
         return -1
+
+
+def _content_range_total(value: str | None) -> int | None:
+    """Total of ``Content-Range: bytes <start>-<end>/<total>`` (or ``bytes */<total>``);
+    ``None`` if absent or ``*``."""
+    total = (value or "").rpartition("/")[2].strip()
+    return int(total) if total.isdigit() else None
 
 
 def _copy_body(response: http.client.HTTPResponse, part: Path, append: bool) -> None:

@@ -94,6 +94,7 @@ SOURCES: dict[str, Source] = {
 COCO_PARTS = tuple(name.split("/", 1)[1] for name in SOURCES if name.startswith("coco/"))
 _SCENE_RE = re.compile(r"scene\d{4}_\d{2}")
 _HEX = re.compile(r"[0-9a-f]+")
+_UNSAFE_CHAR = re.compile(r"[/\\\x00-\x1f\x7f]")   # separators, NUL, control characters
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,15 +191,28 @@ def read_sa1b_links(path: str) -> list[tuple[str, str]]:
     lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
     require(bool(lines) and lines[0].split("\t")[:2] == ["file_name", "cdn_link"], "sa1b.links",
             f"{path}: the first line must be the header 'file_name<TAB>cdn_link'")
-    rows = []
+    rows: list[tuple[str, str]] = []
     for number, line in enumerate(lines[1:], start=2):
         cells = line.split("\t")
         ok = len(cells) >= 2 and cells[1].startswith(("http://", "https://"))
-        require(ok and "/" not in cells[0] and cells[0] not in ("", ".", ".."), "sa1b.links",
+        require(ok, "sa1b.links",
                 f"{path}: line {number}: expected 'sa_XXXXXX.tar<TAB>https://...'")
+        require(_plain_file_name(cells[0]), "sa1b.links",
+                f"{path}: line {number}: file name {cells[0][:80]!r} is not a plain file name "
+                "(no '/', '\\', NUL, control characters, leading '.', at most 255 bytes): it "
+                "must stay inside the download folder")
+        require(cells[0] not in {name for name, _ in rows}, "sa1b.links",
+                f"{path}: line {number}: {cells[0]!r} is listed twice")
         rows.append((cells[0], cells[1]))
     require(bool(rows), "sa1b.links", f"{path}: no files listed")
     return rows
+
+
+def _plain_file_name(name: str) -> bool:
+    """A name that is one file inside its folder, whatever the filesystem: no separator
+    (``/`` or ``\\``), no NUL or control character, not hidden or ``.``/``..``, <= 255 bytes."""
+    return (bool(name) and not name.startswith(".") and not _UNSAFE_CHAR.search(name)
+            and len(name.encode("utf-8", "surrogateescape")) <= 255)
 
 
 def find_scannet_scenes(params: ScannetParams) -> list[tuple[str, Path]]:

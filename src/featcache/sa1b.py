@@ -72,6 +72,8 @@ def read_sa1b_json(path: Path) -> Sa1bRecord:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Sa1bError("bad_json", f"{path.name}: {e}") from None
+    except RecursionError:
+        raise Sa1bError("bad_json", f"{path.name}: nested too deeply to be an SA-1B file") from None
     image = data.get("image") if isinstance(data, dict) else None
     annotations = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(image, dict) or not isinstance(annotations, list):
@@ -136,7 +138,10 @@ def decode_rle(segmentation: Any, height: int, width: int) -> np.ndarray:
         raise Sa1bError("size_mismatch", f"mask size {size} != image size [{height}, {width}]")
     counts = segmentation["counts"]
     if isinstance(counts, list):
-        _check_runs(np.asarray(_int_runs(counts), dtype=np.int64), height * width)
+        runs = _int_runs(counts)
+        if any(not 0 <= c <= height * width for c in runs):
+            raise Sa1bError("bad_rle", f"an RLE run length is outside 0..{height * width}")
+        _check_runs(np.asarray(runs, dtype=np.int64), height * width)
         rle = mask_utils.frPyObjects({"size": list(size), "counts": counts}, height, width)
     elif isinstance(counts, (str, bytes)):
         _check_runs(rle_counts_from_string(counts), height * width)
