@@ -279,3 +279,41 @@ def test_download_checksum_mismatch_restarts_once_from_scratch(server, tmp_path)
     with pytest.raises(ChecksumError):
         fetch(f"{server.base}/w.pt", tmp_path / "x.pt", _sha(data), backoff_s=0)
     assert server.ranges == [None, None] and not list(tmp_path.glob("x.pt*"))
+
+
+# ------------------------------------------------------------ archive bombs (point 5)
+
+
+def test_archive_bombs_are_refused_before_anything_lands(tmp_path, monkeypatch):
+    import io
+    import tarfile
+    import zipfile
+
+    from featcache import archives
+    from featcache.archives import UnsafeArchiveError, extract
+
+    monkeypatch.setattr(archives, "MIN_BUDGET_BYTES", 0)   # the ratio alone decides
+    zeros = bytes(8 << 20)
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ok.txt", b"small")
+        zf.writestr("zeros.bin", zeros)                   # ~8 KB packed, 8 MiB unpacked
+    tgz = tmp_path / "bomb.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        info = tarfile.TarInfo("zeros.bin")
+        info.size = len(zeros)
+        tf.addfile(info, io.BytesIO(zeros))
+    many = tmp_path / "many.tar"
+    with tarfile.open(many, "w") as tf:
+        for i in range(30):
+            info = tarfile.TarInfo(f"f{i}.txt")
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+    target = tmp_path / "target"
+    for archive, kwargs, reason in ((bomb, {}, "unpacks to more than"),
+                                    (tgz, {}, "unpacks to more than"),
+                                    (many, {"max_members": 10}, "more than 10 members")):
+        with pytest.raises(UnsafeArchiveError, match=reason):
+            extract(archive, target, **kwargs)
+        assert not [p for p in target.rglob("*")]      # nothing reached the target
+    assert len(extract(many, target)) == 30           # within the default bounds: fine
