@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from featcache.config import LINKS
+
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-SHARED = {"model", "weights", "seed"}
+SHARED = {"model", "weights", "seed", "data"}
 RUNTIME_KNOBS = {"runtime", "device", "batch_size", "num_workers"}
 
 spec = importlib.util.spec_from_file_location("stage_deps", ROOT / "scripts" / "stage_deps.py")
@@ -31,7 +33,11 @@ def test_stage_shape(stage):
     spec = DVC[stage]
     assert spec["cmd"] == f"python stages/{stage}.py"
     assert stage in spec["params"] and stage in PARAMS  # stage, script and section share a name
-    assert set(spec["params"]) - {stage} <= SHARED
+    others = set(spec["params"]) - {stage} - SHARED
+    if stage == "verify":  # it compares every output with the section of the stage that made it
+        assert others == set(DVC) - {"download", "verify"}, others
+    else:  # another section's keys only where the stage reads them (config.LINKS)
+        assert others == set(LINKS.get(stage, {}).values()), others
     # where and how fast it runs does not change what it computes
     assert not RUNTIME_KNOBS & {p.split(".")[0] for p in spec["params"]}, spec["params"]
     assert not any(p.split(".")[-1] in RUNTIME_KNOBS for p in spec["params"]), spec["params"]
@@ -66,6 +72,22 @@ def test_shared_keys_read_are_declared(stage):
     source = (ROOT / "stages" / f"{stage}.py").read_text()
     modules = [ROOT / d for d in DVC[stage]["deps"] if d.endswith(".py")]
     text = source + "".join(m.read_text() for m in modules if m.is_file())
-    for key in ("model", "weights", "seed"):
+    for key in ("model", "weights", "seed", "data"):
         if f"shared.{key}" in text:
             assert key in DVC[stage]["params"], f"{stage} reads shared.{key}"
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_each_model_stage_depends_on_its_own_encoder_family_only(stage):
+    families = {"src/featcache/encoders/openclip.py", "src/featcache/encoders/dinov2.py",
+                "src/featcache/encoders/sam2.py"}
+    own = {"extract_clip_grid": {"src/featcache/encoders/openclip.py"},
+           "extract_siglip": {"src/featcache/encoders/openclip.py"},
+           "extract_dinov2": {"src/featcache/encoders/dinov2.py"},
+           "extract_sam2": {"src/featcache/encoders/sam2.py"}}
+    deps = set(DVC[stage]["deps"])
+    if stage == "verify":  # spot checks rebuild any family from an output's provenance
+        assert "src/featcache/encoders" in deps
+    else:
+        assert deps & families == own.get(stage, set()), deps & families
+        assert "src/featcache/encoders" not in deps

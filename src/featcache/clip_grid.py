@@ -1,7 +1,7 @@
 """Stage ``extract_clip_grid``: last-layer patch grids of an open_clip ViT, per image.
 
 The model is the top-level ``model`` of params.yaml (``dvc exp run -S model=ViT-L-14``), with the
-top-level ``weights`` and ``seed``. Per image: the tokens of the last block after the tower's
+section's ``weights`` (default: the top-level ``weights``) and the top-level ``seed``. Per image: the tokens of the last block after the tower's
 final norm, CLS (and any register tokens) excluded, NOT projected (width = transformer width:
 768 for ViT-B-16, 1024 for ViT-L-14), optionally average-pooled to ``grid x grid``.
 
@@ -44,12 +44,16 @@ def plan_clip_grid(shared: SharedParams, params: ClipGridParams) -> GridPlan:
 
     Raises :class:`ParamError` naming ``model``/``weights`` or ``extract_clip_grid.grid``.
     """
-    from featcache.encoders import resolve_spec
+    from featcache.encoders.openclip import load_openclip, resolve_openclip_spec
+    from featcache.encoders.weights import resolve_stage_spec
 
-    spec = resolve_spec("open_clip", shared.model, weights=shared.weights, seed=shared.seed)
+    spec = resolve_stage_spec(resolve_openclip_spec, shared.model, stage=STAGE,
+                              weights=shared.weights, weights_key=shared.weights_key,
+                              seed=shared.seed)
     grid = check_target_grid(spec.grid_size, params.grid, key=f"{STAGE}.grid")
     layout = "chw" if params.layout == "npy" else "tokens"
-    return GridPlan(STAGE, spec, grid, layout, save_global=params.save_global)
+    return GridPlan(STAGE, spec, grid, layout, save_global=params.save_global,
+                    load=load_openclip)
 
 
 def extract_clip_grid(shared: SharedParams, params: ClipGridParams) -> list[RunResult]:

@@ -25,6 +25,21 @@ A stage module declares its own section dataclass; :func:`load_stage_params` bui
             require(self.kernel_size >= 1, "kernel_size", "must be >= 1")
 
     shared, params = load_stage_params("edge_maps_methodB", EdgeParams)
+
+Every path is written once (DESIGN "every path written once"):
+
+- **The data root.** The top-level ``data`` names the folder every stage reads its inputs
+  from (the download stage writes it). Where params.yaml has ``data``, the input key of each
+  stage (:data:`DATA_PATHS`) is relative to it and defaults to it, so one edit
+  (``dvc exp run -S data=data/raw/real``) moves every stage to other data.
+- **Links.** A stage that reads another stage's output takes the path from that stage's
+  section (:data:`LINKS`): ``sample_point_feats.uv_index`` is ``build_uv_index.out``, verify's
+  ``clip_grid`` is ``extract_clip_grid.out`` and so on. Writing a linked key in the reading
+  section is refused; dvc.yaml reads the same keys (``${build_uv_index.out}``).
+- **Weights per model stage.** Each model stage may set ``weights`` in its own section
+  (:data:`MODEL_SECTIONS`); the top-level ``weights`` is the default of the stages that do
+  not. ``SharedParams.weights`` is what the stage uses and ``weights_key`` the key it came
+  from, so an error names the key to change.
 """
 
 from __future__ import annotations
@@ -76,12 +91,16 @@ class SharedParams:
     weights: str = "random"
     device: str = "auto"
     seed: int = 0
+    data: str = ""       # the data root; "" = input paths as written (no params.yaml `data`)
+    weights_key: str = "weights"  # where ``weights`` came from: weights or <stage>.weights
 
     def validate(self) -> None:
         require(bool(self.model.strip()), "model", "must name an open_clip model, e.g. ViT-B-16")
         require(bool(self.weights.strip()), "weights",
                 "use random, pretrained, an upstream tag or a checkpoint path")
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        require(self.data == "" or bool(self.data.strip()), "data",
+                "must name the folder the stages read (e.g. data/raw/sample)")
 
 
 def validate_device(device: str, key: str) -> None:
@@ -133,12 +152,33 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-SHARED_KEYS = ("model", "weights", "seed")
+SHARED_KEYS = ("model", "weights", "seed", "data")
+DATA_KEY = "data"
 RUNTIME_SECTION = "runtime"
 RUNTIME_KEYS = tuple(f.name for f in dataclasses.fields(RuntimeParams))
 STAGE_SECTIONS = ("download", "extract_clip_grid", "extract_dinov2", "extract_siglip",
                   "extract_sam2", "edge_maps_methodB", "build_uv_index", "sample_point_feats",
                   "verify")
+# the input folder of each stage, relative to the top-level `data` (and `data` itself when the
+# section leaves it out); the download stage writes `data`
+DATA_PATHS: dict[str, str] = {
+    "download": "out", "extract_clip_grid": "root", "extract_dinov2": "root",
+    "extract_siglip": "coco", "extract_sam2": "images", "edge_maps_methodB": "sa1b",
+    "build_uv_index": "scannet",
+}
+# section -> {field: the key of params.yaml it is read from}: another stage's output
+LINKS: dict[str, dict[str, str]] = {
+    "sample_point_feats": {"uv_index": "build_uv_index.out",
+                           "clip_grid": "extract_clip_grid.out"},
+    "verify": {"raw": DATA_KEY, "clip_grid": "extract_clip_grid.out",
+               "dinov2": "extract_dinov2.out", "siglip": "extract_siglip.out",
+               "sam2": "extract_sam2.out", "edges": "edge_maps_methodB.out",
+               "uv_index": "build_uv_index.out", "uv_metrics": "build_uv_index.metrics",
+               "point_feats": "sample_point_feats.out"},
+}
+# stages that run a model: each may set its own `weights` (else the top-level default)
+MODEL_SECTIONS = ("extract_clip_grid", "extract_dinov2", "extract_siglip", "extract_sam2")
+GENERIC_WEIGHTS = ("random", "pretrained")
 
 
 def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -220,8 +260,65 @@ def load_stage_params(section: str, cls: type[T], path: str | Path = PARAMS_FILE
                 raise ParamError(f"{section}.{key}: a runtime knob, not a method param; move it "
                                  f"to {RUNTIME_SECTION}.{section}.{key} (no stage depends on "
                                  f"{RUNTIME_SECTION}, so changing it invalidates no cache)")
-        values = {**values, **runtime_fields(cls, section, data, runtime)}
+        shared, values = stage_weights(shared, section, values)
+        values = {**values, **data_path(data, section, values), **linked_paths(data, section, values),
+                  **runtime_fields(cls, section, data, runtime)}
     return shared, build_dataclass(cls, values, prefix=section)
+
+
+def stage_weights(shared: SharedParams, section: str, values: dict[str, Any],
+                  ) -> tuple[SharedParams, dict[str, Any]]:
+    """``<section>.weights`` (model stages) moved into ``SharedParams.weights``; without it the
+    top-level ``weights``. A section's weights must be a non-empty string."""
+    if section not in MODEL_SECTIONS or "weights" not in values:
+        return shared, values
+    weights = values["weights"]
+    key = f"{section}.weights"
+    if not isinstance(weights, str) or not weights.strip():
+        raise ParamError(f"{key}: got {weights!r}; use random, pretrained, an upstream tag of "
+                         "this stage's model or a checkpoint path")
+    rest = {k: v for k, v in values.items() if k != "weights"}
+    return dataclasses.replace(shared, weights=weights, weights_key=key), rest
+
+
+def data_path(data: dict[str, Any], section: str, values: dict[str, Any]) -> dict[str, str]:
+    """The stage's input folder under the top-level ``data`` (see the module docstring)."""
+    root, key = data.get(DATA_KEY), DATA_PATHS.get(section)
+    if root is None or key is None:
+        return {}
+    if section == "download" and key in values:
+        raise ParamError(f"{section}.{key}: the download stage writes the top-level "
+                         f"{DATA_KEY} ({root!r}); remove {section}.{key} (a path is written once)")
+    rel = values.get(key, ".")
+    if not isinstance(rel, str) or Path(rel).is_absolute():
+        raise ParamError(f"{section}.{key}: got {rel!r}; a folder relative to the top-level "
+                         f"{DATA_KEY} ({root!r}); to read other data, change {DATA_KEY}")
+    return {key: (Path(root) / rel).as_posix()}
+
+
+def linked_paths(data: dict[str, Any], section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``section`` read from other stages' keys (:data:`LINKS`), where
+    params.yaml has those keys; writing one in ``section`` too is refused."""
+    found = {}
+    for name, source in LINKS.get(section, {}).items():
+        value = lookup(data, source)
+        if value is None:
+            continue
+        if name in values:
+            raise ParamError(f"{section}.{name}: remove it; it is {source} ({value!r}), "
+                             "read from there so that the path is written once")
+        found[name] = value
+    return found
+
+
+def lookup(data: dict[str, Any], dotted: str) -> Any:
+    """``data["a"]["b"]`` for ``"a.b"``; None where a part is missing."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def runtime_fields(cls: type, section: str, data: dict[str, Any],

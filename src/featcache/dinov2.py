@@ -1,7 +1,8 @@
 """Stage ``extract_dinov2``: last-layer patch tokens of a transformers ``Dinov2Model``.
 
 ``model`` (in the section) is ``facebook/dinov2-small|base|large|giant`` (or a
-``-with-registers-`` variant); ``weights``/``seed`` are the top-level keys. Images are resized
+``-with-registers-`` variant); ``weights`` is the section's (default: the top-level one),
+``seed`` the top-level key. Images are resized
 (short side to ``size``, bicubic), centre-cropped to ``size x size`` and normalised with the
 ImageNet mean/std; ``size`` must be a multiple of 14, and g = size / 14 (16 at 224).
 
@@ -40,11 +41,13 @@ class Dinov2Params(GridParams):
 
 def plan_dinov2(shared: SharedParams, params: Dinov2Params) -> GridPlan:
     """Resolve the DINOv2 spec (no model built); ParamError names ``extract_dinov2.model``."""
-    from featcache.encoders import resolve_spec
+    from featcache.encoders.dinov2 import load_dinov2, resolve_dinov2_spec
+    from featcache.encoders.weights import resolve_stage_spec
 
-    spec = resolve_spec("dinov2", params.model, weights=shared.weights, seed=shared.seed,
-                        image_size=params.size, key=f"{STAGE}.model")
-    return GridPlan(STAGE, spec, spec.grid_size[0], "chw")
+    spec = resolve_stage_spec(resolve_dinov2_spec, params.model, stage=STAGE,
+                              weights=shared.weights, weights_key=shared.weights_key,
+                              seed=shared.seed, image_size=params.size, key=f"{STAGE}.model")
+    return GridPlan(STAGE, spec, spec.grid_size[0], "chw", load=load_dinov2)
 
 
 def extract_dinov2(shared: SharedParams, params: Dinov2Params) -> list[RunResult]:

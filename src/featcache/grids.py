@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -101,9 +102,9 @@ def image_key(name: str, rule: KeyRule) -> str:
     stem = Path(name).stem
     if rule == "stem":
         return stem
-    match = _COCO_NAME.match(stem)
     from featcache.frames import frame_number
 
+    match = _COCO_NAME.match(stem)
     number = frame_number(match.group(1) if match else stem)
     return stem if number is None else str(number)
 
@@ -223,7 +224,7 @@ class GridJob:
         if self.mask_target is not None and image.alpha is not None:
             arrays["mask"] = alpha_grid(image.alpha, rgb.shape[:2], self.preprocessor,
                                         self.mask_target)
-        return [Piece(key=self.keys[item], tensor=self.preprocessor(rgb), arrays=arrays)]
+        return [Piece(key=self.keys[item], tensor=self.preprocessor.prepare(rgb), arrays=arrays)]
 
 
 def build_grid_job(folder: Path, paths: list[Path], rule: KeyRule, preprocessor: Preprocessor,
@@ -242,7 +243,10 @@ def build_grid_job(folder: Path, paths: list[Path], rule: KeyRule, preprocessor:
 class GridCompute:
     """Engine ``compute``: ``Batch.inputs [B,3,H,W]`` -> ``grids`` (pooled to ``target``, in
     ``array_layout``), optional ``global [B, D]`` (the encoder's pooled embedding) and the
-    ``mask`` the job produced. Float32 on the CPU; the writer casts to the storage dtype."""
+    ``mask`` the job produced, on the CPU. ``Batch.inputs`` are the workers' uint8 (see
+    :func:`~featcache.encoders.preprocess.model_input`): normalisation happens on the device,
+    and with ``dtype`` (``fp16``/``fp32``) the features are cast there too, so only storage
+    bytes come back (``None``: float32, the writer casts)."""
 
     encoder: Encoder
     device: torch.device
@@ -250,19 +254,21 @@ class GridCompute:
     array_layout: ArrayLayout
     save_global: bool = False
     precision: Precision = "auto"
+    dtype: str | None = None
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
-        from featcache.engine.inference import autocast_for
+        from featcache.encoders.preprocess import model_input
+        from featcache.engine.inference import autocast_for, to_storage
 
-        x = batch.inputs.to(self.device, non_blocking=True)
+        x = model_input(batch.inputs, self.encoder.spec, self.device)
         with autocast_for(self.device, self.precision):
             out = self.encoder(x)
         grid = arrange_grid(out.grid.float(), self.target, self.array_layout)
-        result = {"grids": grid.cpu().numpy()}
+        result = {"grids": to_storage(grid, self.dtype)}
         if self.save_global:
             if out.pooled is None:
                 raise ValueError(f"{self.encoder.spec.name} has no pooled embedding")
-            result["global"] = out.pooled.float().cpu().numpy()
+            result["global"] = to_storage(out.pooled.float(), self.dtype)
         if "mask" in batch.arrays:  # images with alpha only: None for the others
             result["mask"] = batch.arrays["mask"]
         return result
@@ -291,6 +297,7 @@ class GridPlan:
     grid: int
     array_layout: ArrayLayout
     save_global: bool = False
+    load: Callable[..., Encoder] | None = None  # the family's loader (its module's load_*)
 
 
 def run_grid_stage(plan: GridPlan, shared: SharedParams, params: GridParams) -> list[RunResult]:
@@ -305,23 +312,16 @@ def run_grid_stage(plan: GridPlan, shared: SharedParams, params: GridParams) -> 
     from featcache.engine.distributed import init_distributed, rank_device
 
     splits = list_splits(params, plan.stage)
+    inputs = survey_splits(plan.stage, splits)
     device = rank_device(resolve_device(shared.device), init_distributed())
     encoder = load_encoder(plan.spec, device)
     compute = GridCompute(encoder, device, plan.grid, plan.array_layout, plan.save_global,
-                          params.precision)
+                          params.precision, dtype=params.dtype)
     results = [run_split(plan, params, name, folder, paths, compute)
                for name, (folder, paths) in splits.items()]
     finish_stage(plan.stage, params.out, results, params, extra={"inputs": inputs})
-    inputs = survey_splits(plan.stage, splits)
     return results
 
-
-def run_split(plan: GridPlan, params: GridParams, split: str, folder: Path, paths: list[Path],
-              compute: GridCompute) -> RunResult:
-    """Run the engine on one split folder and write its output (see :func:`run_grid_stage`)."""
-    from featcache.encoders import Preprocessor
-    from featcache.engine import WriterOptions, run_job
-    from featcache.engine.distributed import init_distributed
 
 def survey_splits(stage: str, splits: dict[str, tuple[Path, list[Path]]],
                   ) -> dict[str, dict[str, int]]:
@@ -345,6 +345,13 @@ def survey_splits(stage: str, splits: dict[str, tuple[Path, list[Path]]],
         inputs[name] = counts
     return inputs
 
+
+def run_split(plan: GridPlan, params: GridParams, split: str, folder: Path, paths: list[Path],
+              compute: GridCompute) -> RunResult:
+    """Run the engine on one split folder and write its output (see :func:`run_grid_stage`)."""
+    from featcache.encoders import Preprocessor
+    from featcache.engine import WriterOptions, run_job
+    from featcache.engine.distributed import init_distributed
 
     npy = params.layout == "npy"
     rule: KeyRule = "stem" if npy else "image_id"
@@ -386,7 +393,20 @@ def grid_provenance(plan: GridPlan, params: GridParams, split: str, folder: Path
         "images": folder.as_posix(), "key_rule": rule, "background": list(params.background),
         "alpha": "composited over background before encoding; mask = alpha averaged per cell",
         "precision": params.precision,
+        "compute_precision": _compute_precision(encoder, params.precision),
+        "host_path": HOST_PATH,
     }
+
+
+HOST_PATH = ("workers: decode, resize, crop -> uint8; device: /255, normalise, forward, cast to "
+             "the storage dtype")
+
+
+def _compute_precision(encoder: Encoder, precision: Precision) -> str:
+    """The precision ``auto`` resolves to on the encoder's device (bf16 where supported)."""
+    from featcache.engine.inference import resolve_precision
+
+    return resolve_precision(next(encoder.parameters()).device, precision)
 
 
 def image_header(path: Path) -> dict[str, Any]:

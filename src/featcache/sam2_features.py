@@ -118,7 +118,7 @@ class Sam2Job:
             rgb = load_image(self.folder / item).rgb
         except ImageDecodeError as e:
             return [Failure(item, "bad_image", e.reason)]
-        return [Piece(key=Path(item).stem, tensor=self.preprocess(rgb))]
+        return [Piece(key=Path(item).stem, tensor=self.preprocess.prepare(rgb))]
 
 
 def build_sam2_job(params: Sam2Params, preprocess: Preprocessor) -> Sam2Job:
@@ -133,12 +133,13 @@ def build_sam2_job(params: Sam2Params, preprocess: Preprocessor) -> Sam2Job:
 
 
 def compute_precision(device: torch.device, dtype: str, requested: str = "auto") -> str:
-    """``requested`` unless ``auto``; under ``auto``: fp16 autocast on CUDA when fp16 is stored
-    (never coarser than the storage, unlike bf16), fp32 otherwise (CPU autocast would be slower
-    and less precise)."""
-    if requested != "auto":
-        return requested
-    return "fp16" if device.type == "cuda" and dtype == "fp16" else "fp32"
+    """``requested`` unless ``auto``; under ``auto``: bf16 autocast on a CUDA device that
+    supports it (as SAM2's own code; fp16 can overflow in its encoder with real weights), else
+    fp16 on CUDA, fp32 on the CPU (:func:`~featcache.engine.inference.resolve_precision`).
+    ``dtype`` (the storage dtype) does not change the choice."""
+    from featcache.engine.inference import resolve_precision
+
+    return resolve_precision(device, requested)
 
 
 class Sam2Compute:
@@ -149,16 +150,19 @@ class Sam2Compute:
     """
 
     def __init__(self, encoder: Encoder, device: torch.device,
-                 precision: str) -> None:
+                 precision: str, dtype: str | None = None) -> None:
         self.encoder, self.device, self.precision = encoder, device, precision
+        self.dtype = dtype   # the storage dtype, cast on the device (None: float32)
 
     def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
-        from featcache.engine.inference import autocast_for
+        from featcache.encoders.preprocess import model_input
+        from featcache.engine.inference import autocast_for, to_storage
 
-        x = batch.inputs.to(self.device, non_blocking=True)
+        x = model_input(batch.inputs, self.encoder.spec, self.device)
         with autocast_for(self.device, self.precision):
             levels = self.encoder(x).levels
-        return feature_fields({k: levels[k].float().cpu().numpy() for k in LEVELS if k in levels},
+        return feature_fields({k: to_storage(levels[k].float(), self.dtype)
+                               for k in LEVELS if k in levels},
                               self.encoder.spec.input_size[0])
 
 
@@ -230,19 +234,22 @@ def extract_sam2(shared: SharedParams, params: Sam2Params) -> RunResult:
     built. Images whose content, params and weights match an earlier run's are reused, not
     recomputed (a killed run resumes, an added image costs one forward).
     """
-    from featcache.encoders import Preprocessor, load_encoder, resolve_device, resolve_spec
+    from featcache.encoders import Preprocessor, resolve_device
+    from featcache.encoders.sam2 import load_sam2, resolve_sam2_spec
+    from featcache.encoders.weights import resolve_stage_spec
     from featcache.engine import WriterOptions, finish_stage, run_job
     from featcache.engine.distributed import init_distributed, rank_device
 
-    spec = resolve_spec("sam2", params.config, weights=shared.weights, seed=shared.seed,
-                        key=f"{STAGE}.config")
+    spec = resolve_stage_spec(resolve_sam2_spec, params.config, stage=STAGE,
+                              weights=shared.weights, weights_key=shared.weights_key,
+                              seed=shared.seed, key=f"{STAGE}.config")
     device = rank_device(resolve_device(shared.device), init_distributed())
     job = build_sam2_job(params, Preprocessor(spec))
-    encoder = load_encoder(spec, device)
+    encoder = load_sam2(spec, device)
     precision = compute_precision(device, params.dtype, params.precision)
     # the same options in both layouts, so that switching the layout reuses every shard
     options = WriterOptions(dtype=params.dtype, suffix=OUTPUT_SUFFIX, aliases=NPZ_ALIASES)
-    result = run_job(job, Sam2Compute(encoder, device, precision), stage=STAGE,
+    result = run_job(job, Sam2Compute(encoder, device, precision, params.dtype), stage=STAGE,
                      out=params.out, writer=params.layout, writer_options=options,
                      provenance=sam2_provenance(encoder, params, precision),
                      fingerprint=sam2_fingerprint(params, encoder, precision),

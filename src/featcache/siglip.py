@@ -192,7 +192,7 @@ class SiglipJob:
                                                       f"has no pixel in {image.png_file}"))
                 continue
             box = crop_box(bbox, *ids.shape, self.crop.pad_ratio, self.crop.min_crop)
-            tensor = self.preprocess(segment_crop(rgb, mask, box, self.crop))
+            tensor = self.preprocess.prepare(segment_crop(rgb, mask, box, self.crop))
             out.append(Piece(key, tensor, {"image_id": np.int64(image.image_id),
                                            "segment_id": np.int64(seg.id),
                                            "iscrowd": np.uint8(seg.iscrowd)}))
@@ -207,20 +207,22 @@ class SiglipCompute:
     """
 
     def __init__(self, encoder: Encoder, device: torch.device, with_ids: bool = True,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", dtype: str | None = None) -> None:
         self.encoder, self.device, self.with_ids = encoder, device, with_ids
-        self.precision = precision
+        self.precision, self.dtype = precision, dtype   # dtype: cast on the device (fp16)
 
     def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
         import torch
 
-        from featcache.engine.inference import autocast_for
+        from featcache.encoders.preprocess import model_input
+        from featcache.engine.inference import autocast_for, to_storage
 
-        x = batch.inputs.to(self.device, non_blocking=True)
+        x = model_input(batch.inputs, self.encoder.spec, self.device)
         with autocast_for(self.device, self.precision):
             pooled = self.encoder(x).pooled
-        emb = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
-        bad = ~(np.abs(np.linalg.norm(emb, axis=1) - 1.0) < 1e-3)  # NaN/inf or zero pooled
+        emb_t = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        bad = (~((emb_t.norm(dim=1) - 1.0).abs() < 1e-3)).cpu().numpy()  # NaN/inf, zero pooled
+        emb = to_storage(emb_t, self.dtype)
         if bad.any():  # stop rather than store a wrong feature
             raise FloatingPointError(f"pooled output not normalisable for "
                                      f"{np.asarray(batch.keys)[bad].tolist()}")
@@ -278,11 +280,15 @@ def build_siglip_job(params: SiglipParams, spec: EncoderSpec) -> SiglipJob:
 
 def siglip_provenance(params: SiglipParams, encoder: Encoder) -> dict[str, Any]:
     """What the embeddings depend on (HDF5 attributes or ``provenance.json``)."""
+    from featcache.engine.inference import resolve_precision
+
     crop = {k: getattr(params, k) for k in ("bg_alpha", "pad_ratio", "fill", "min_crop")}
     return {**encoder.provenance(), "coco": params.coco, "split": params.split,
             "crop": {**crop, "fill": list(params.fill)}, "key": "<image_id:012d>_<segment_id>",
             "embedding": "encode_image of the blended, padded segment crop, L2-normalised",
-            "png_ids": "R + 256*G + 256^2*B"}
+            "png_ids": "R + 256*G + 256^2*B",
+            "compute_precision": resolve_precision(next(encoder.parameters()).device,
+                                                   params.precision)}
 
 
 def method_params(params: SiglipParams) -> dict[str, Any]:
@@ -325,17 +331,20 @@ def extract_siglip(shared: SharedParams, params: SiglipParams) -> RunResult:
     Also writes ``<out>/failures.tsv`` and ``metrics/extract_siglip.json``, then raises
     ``TooManyFailures`` when more than ``max_failures`` images failed.
     """
-    from featcache.encoders import load_encoder, resolve_device, resolve_spec
+    from featcache.encoders import resolve_device
+    from featcache.encoders.openclip import load_openclip, resolve_openclip_spec
+    from featcache.encoders.weights import resolve_stage_spec
     from featcache.engine import finish_stage
     from featcache.engine.distributed import init_distributed, rank_device
 
-    spec = resolve_spec("open_clip", params.model, weights=shared.weights, seed=shared.seed,
-                        key=f"{STAGE}.model")
+    spec = resolve_stage_spec(resolve_openclip_spec, params.model, stage=STAGE,
+                              weights=shared.weights, weights_key=shared.weights_key,
+                              seed=shared.seed, key=f"{STAGE}.model")
     device = rank_device(resolve_device(shared.device), init_distributed())
     job = build_siglip_job(params, spec)
-    encoder = load_encoder(spec, device)
+    encoder = load_openclip(spec, device)
     compute = SiglipCompute(encoder, device, with_ids=params.layout != "npy",
-                            precision=params.precision)
+                            precision=params.precision, dtype="fp16")
     # where the split lives and where the output goes choose the items, not their rows: the
     # items' content signatures stand for them, so a moved dataset reuses its shards
     method = {k: v for k, v in method_params(params).items() if k not in ("coco", "split", "out")}

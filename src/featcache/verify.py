@@ -1,6 +1,7 @@
 """Stage ``verify``: open every output, check it against what made it, and draw pictures of it.
 
-Each check is one entry of ``reports/verify.json`` (``passed``, the number of ``items`` it
+The output paths are the stages' own ``out`` keys (the loader reads them from their sections,
+:data:`featcache.config.LINKS`). Each check is one entry of ``reports/verify.json`` (``passed``, the number of ``items`` it
 looked at, its numbers, and the first problems when it failed); the report's ``passed`` is true
 when every check passed. What a file should look like comes from the params and the model that
 made it, as recorded in the file's provenance (the other stages' sections are not verify's
@@ -15,7 +16,14 @@ params; their outputs are its dependencies):
 - ``<output>.coverage``: every input of the output (split images, panoptic segments, selected
   ScanNet frames, uv-index frames) has its key or a row in the output's ``failures.tsv``
   (nothing silently missing), and no key lacks an input.
-- ``<output>.provenance``: made with params.yaml's ``weights`` (clip_grid: and ``model``).
+- ``<output>.provenance``: made with the weights of its stage (``<stage>.weights``, default the
+  top-level ``weights``; clip_grid: and ``model``).
+- ``<output>.records``: per output the records written and the items failed (and the stage's
+  items and reused, from its metrics); fails an output with no records, a stage with more
+  failures than its ``max_failures`` allows, failures from a key mismatch with an upstream
+  output (:mod:`featcache.checks.outputs`).
+- ``<output>.params``: the provenance agrees with params.yaml (model, weights identity, crop
+  settings, layout, ...); a stale output names the param (:mod:`featcache.checks.expected`).
 - ``siglip.unit_norm`` (``|norm - 1| <= norm_tolerance``), ``siglip.index`` (``inst2feat.tsv``
   rows and embeddings one-to-one), ``sam2.flags`` (``feature_flag == 1``, ``IMAGE_EMB_S16 ==
   P4_S16``), ``edges.binary`` (only 0 and 1), ``edges.flags`` (``edge_flag == 1``,
@@ -33,6 +41,7 @@ The checks of each output family live in :mod:`featcache.checks`; pictures
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -42,12 +51,14 @@ from pathlib import Path
 from typing import Any
 
 from featcache.checks import Report, problems_to
+from featcache.checks.outputs import Expectation, OutputCount, check_params, check_records
 from featcache.config import SharedParams, StageError, require
 from featcache.reader import FeatureStore
 
 log = logging.getLogger(__name__)
 
 STAGE = "verify"
+OUTPUT_KINDS = ("clip_grid", "dinov2", "siglip", "sam2", "edges", "uv_index", "point_feats")
 
 
 class VerificationFailed(StageError):
@@ -74,6 +85,8 @@ class VerifyParams:
     point_feats: str
     report: str
     pictures: str
+    metrics: str = ""    # the compact DVC metric: passed, failed_checks, checks ("" = none)
+    outputs: str = ""    # per-output records table, a DVC plot ("" = none)
     spot_check: int = 2
     min_cosine: float = 0.999
     norm_tolerance: float = 1e-3
@@ -88,36 +101,59 @@ class VerifyParams:
         require(self.picture_items >= 0, "picture_items", "must be >= 0 (0 = no pictures)")
         require(bool(self.report.strip()) and self.report.endswith(".json"), "report",
                 f"must name a .json file, got {self.report!r}")
+        for key in ("metrics", "outputs"):
+            value = getattr(self, key)
+            require(value == "" or value.endswith(".json"), key,
+                    f"must name a .json file (or be empty), got {value!r}")
 
 
-def verify(shared: SharedParams, params: VerifyParams) -> Report:
-    """Check every output, write ``params.report`` and the pictures in ``params.pictures``.
+def verify(shared: SharedParams, params: VerifyParams,
+           expected: dict[str, Expectation] | None = None) -> Report:
+    """Check every output, write ``params.report``, ``params.metrics``, ``params.outputs`` and
+    the pictures in ``params.pictures``.
 
-    Raises :class:`VerificationFailed` (after writing both) when a check failed. Paths are
-    relative to the working directory (the repository root under ``dvc repro``).
+    ``expected`` (default: read from ``params.yaml`` in the working directory, when there is
+    one) says per output kind what params.yaml says it was made with and its failure budget
+    (:func:`featcache.checks.expected.load_expectations`). Raises :class:`VerificationFailed`
+    (after writing everything) when a check failed. Paths are relative to the working
+    directory (the repository root under ``dvc repro``).
     """
+    from featcache.checks.expected import load_expectations
     from featcache.checks.grids import check_grid_stage
     from featcache.checks.npz import check_edges, check_point_feats, check_sam2, check_uv_index
     from featcache.checks.siglip import check_siglip
     from featcache.pictures import draw_pictures
 
     start = time.perf_counter()
+    expected = load_expectations() if expected is None else expected
     report = Report()
-    grids = {"clip_grid": check_grid_stage(report, "clip_grid", Path(params.clip_grid), shared,
-                                           model=shared.model),
-             "dinov2": check_grid_stage(report, "dinov2", Path(params.dinov2), shared)}
-    check_siglip(report, Path(params.siglip), shared, params.norm_tolerance)
-    check_sam2(report, Path(params.sam2), shared)
+
+    def made_by(kind: str) -> SharedParams:  # the weights the output's own stage uses
+        weights = expected[kind].weights if kind in expected else None
+        return dataclasses.replace(shared, weights=weights) if weights else shared
+
+    grids = {"clip_grid": check_grid_stage(report, "clip_grid", Path(params.clip_grid),
+                                           made_by("clip_grid"), model=shared.model),
+             "dinov2": check_grid_stage(report, "dinov2", Path(params.dinov2),
+                                        made_by("dinov2"))}
+    check_siglip(report, Path(params.siglip), made_by("siglip"), params.norm_tolerance)
+    check_sam2(report, Path(params.sam2), made_by("sam2"))
     check_edges(report, Path(params.edges))
     check_uv_index(report, Path(params.uv_index), Path(params.uv_metrics),
                    params.max_reprojection_px)
     check_point_feats(report, Path(params.point_feats), Path(params.uv_index))
+    counts = []
+    for kind in OUTPUT_KINDS:
+        folder = Path(getattr(params, kind))
+        counts += check_records(report, kind, folder, expected.get(kind))
+        check_params(report, kind, folder, expected.get(kind))
     checked = time.perf_counter()
     run_spot_checks(report, grids, shared, params)
     run_segment_spot_check(report, Path(params.siglip), shared, params)
     spotted = time.perf_counter()
     pictures = draw_pictures(params, grids) if params.picture_items else []
     write_report(Path(params.report), report, pictures)
+    write_summaries(params, report, counts)
     log.info("%s: %d checks in %.1f s (+ %.1f s spot checks, %.1f s pictures); wrote %s and "
              "%d pictures", STAGE, len(report.checks), checked - start, spotted - checked,
              time.perf_counter() - spotted, params.report, len(pictures))
@@ -137,7 +173,8 @@ def run_spot_checks(report: Report, grids: dict[str, list[FeatureStore]], shared
     recomputed live; one model load per distinct encoder spec."""
     if params.spot_check == 0:
         return
-    from featcache.encoders import load_encoder, resolve_device
+    from featcache.encoders import resolve_device
+    from featcache.encoders.registry import load_encoder
     from featcache.spotcheck import spec_from_provenance, spot_check
 
     device = resolve_device(shared.device)
@@ -188,6 +225,20 @@ def run_segment_spot_check(report: Report, path: Path, shared: SharedParams,
             check.expect(result.min_cosine >= params.min_cosine,
                          f"min cosine {result.min_cosine:.6f} < {params.min_cosine} over "
                          f"{list(result.keys)}")
+
+
+def write_summaries(params: VerifyParams, report: Report, counts: list[OutputCount]) -> None:
+    """The compact metric (``passed``, ``failed_checks``, ``checks``: what ``dvc exp show``
+    compares) and the per-output records table (a DVC plot), both without times."""
+    from featcache.atomic import write_text
+
+    if params.metrics:
+        doc = {"passed": not report.failed, "failed_checks": len(report.failed),
+               "checks": len(report.checks)}
+        write_text(Path(params.metrics), json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    if params.outputs:
+        rows = [c.to_dict() for c in counts]
+        write_text(Path(params.outputs), json.dumps(rows, indent=2, sort_keys=True) + "\n")
 
 
 def write_report(path: Path, report: Report, pictures: list[str]) -> None:

@@ -12,7 +12,9 @@ nothing happens at import): open_clip ``featcache-tiny-vit`` and ``featcache-tin
 DINOv2 ``featcache/dinov2-tiny``. SAM2 has no tiny model; use ``sam2.1_hiera_t`` with a small
 ``image_size`` (a multiple of 32, e.g. 256).
 
-This package imports nothing heavy at import time (model-free stages import
+The families are an explicit registry (:data:`featcache.encoders.registry.REGISTRY`); each
+stage imports its own family module directly, so editing ``encoders/sam2.py`` invalidates only
+the SAM2 stage. This package imports nothing heavy at import time (model-free stages import
 :mod:`featcache.encoders.weights` for its error type); classes are loaded on first access.
 """
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 
     from featcache.encoders.base import Encoder, EncoderOutput, EncoderSpec
     from featcache.encoders.preprocess import Preprocessor, ResizeGeometry
+    from featcache.encoders.registry import load_encoder, resolve_spec
     from featcache.encoders.weights import WeightsNotFoundError
 
 FAMILIES = ("open_clip", "dinov2", "sam2")
@@ -35,61 +38,23 @@ TINY_OPENCLIP = "featcache-tiny-vit"
 TINY_SIGLIP = "featcache-tiny-siglip"
 TINY_DINOV2 = "featcache/dinov2-tiny"
 
-_LAZY = {
-    "Encoder": "featcache.encoders.base", "EncoderOutput": "featcache.encoders.base",
-    "EncoderSpec": "featcache.encoders.base", "Preprocessor": "featcache.encoders.preprocess",
-    "ResizeGeometry": "featcache.encoders.preprocess",
-    "WeightsNotFoundError": "featcache.encoders.weights",
+# lazy exports for users and tests. A stage never imports a family through these: it imports
+# its own family module (featcache.encoders.openclip, .dinov2, .sam2), so that dvc.yaml lists
+# only that module among its deps; the by-name API lives in featcache.encoders.registry.
+_LAZY = {  # attribute -> submodule (relative names: nothing here is a static import)
+    "Encoder": "base", "EncoderOutput": "base", "EncoderSpec": "base",
+    "Preprocessor": "preprocess", "ResizeGeometry": "preprocess",
+    "WeightsNotFoundError": "weights", "resolve_spec": "registry", "load_encoder": "registry",
+    "register_tiny_models": "openclip",
 }
-_MODULES = {"open_clip": "featcache.encoders.openclip", "dinov2": "featcache.encoders.dinov2",
-            "sam2": "featcache.encoders.sam2"}
 
-__all__ = ["FAMILIES", "TINY_OPENCLIP", "TINY_SIGLIP", "TINY_DINOV2", "resolve_spec",
-           "load_encoder", "resolve_device", "register_tiny_models", *_LAZY]
+__all__ = ["FAMILIES", "TINY_OPENCLIP", "TINY_SIGLIP", "TINY_DINOV2", "resolve_device", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _family_module(family: str, key: str = "family") -> Any:
-    if family not in _MODULES:
-        raise ParamError(f"{key}: unknown encoder family {family!r}; allowed: "
-                         f"{', '.join(FAMILIES)}")
-    return importlib.import_module(_MODULES[family])
-
-
-def resolve_spec(family: str, name: str, *, weights: str, seed: int = 0,
-                 image_size: int | None = None, resize: str | None = None,
-                 key: str | None = None) -> EncoderSpec:
-    """The :class:`EncoderSpec` of ``name`` in ``family`` (``open_clip``, ``dinov2``, ``sam2``)
-    without building the model. ``image_size`` overrides the model's input size (square);
-    ``resize`` (``shortest_crop`` | ``squash``) overrides the default resize mode.
-
-    Raises :class:`ParamError` naming ``key`` (default ``model``, for SAM2 ``config``) for an
-    unknown model (listing close matches),
-    ``weights`` for an unknown tag or a missing checkpoint path, ``size`` for an impossible
-    input size.
-    """
-    if resize not in (None, "shortest_crop", "squash"):
-        raise ParamError(f"resize: got {resize!r}; allowed: shortest_crop, squash")
-    if seed < 0:
-        raise ParamError(f"seed: must be >= 0, got {seed}")
-    module = _family_module(family)
-    resolver = getattr(module, f"resolve_{module.__name__.rsplit('.', 1)[1]}_spec")
-    named = {"key": key} if key else {}
-    return resolver(name, weights=weights, seed=seed, image_size=image_size, resize=resize,
-                    **named)
-
-
-def load_encoder(spec: EncoderSpec, device: torch.device | str = "cpu") -> Encoder:
-    """Build the encoder of ``spec`` once, load its weights, move it to ``device`` (float32,
-    eval, no grad). Raises :class:`WeightsNotFoundError` when tagged weights are nowhere."""
-    module = _family_module(spec.family)
-    loader = getattr(module, f"load_{module.__name__.rsplit('.', 1)[1]}")
-    return loader(spec, device)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,12 +76,3 @@ def resolve_device(device: str) -> torch.device:
                              f"visible; use auto or cpu")
         return torch.device(device)
     raise ParamError(f"device: got {device!r}; allowed: auto, cpu, cuda, cuda:<index>")
-
-
-def register_tiny_models() -> None:
-    """Register the tiny open_clip test models with open_clip (idempotent). Not needed before
-    :func:`resolve_spec`/:func:`load_encoder`, which do it themselves; useful when a test calls
-    ``open_clip`` directly with a tiny name."""
-    from featcache.encoders.openclip import register_tiny_models as _register
-
-    _register()

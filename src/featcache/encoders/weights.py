@@ -43,6 +43,10 @@ class WeightsNotFoundError(StageError, FileNotFoundError):
     """Weights were asked for by tag but are in none of the places looked at."""
 
 
+class UnsafeCheckpointError(StageError, ValueError):
+    """A checkpoint holds pickled Python objects or code: refused, never unpickled."""
+
+
 def is_random(weights: str) -> bool:
     return weights == RANDOM
 
@@ -184,7 +188,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-    return torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    from featcache.stage import checkpoint_refusal
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:   # torch's message would suggest the unsafe option
+        raise UnsafeCheckpointError(checkpoint_refusal(e, path)) from None
 
 
 def is_torchscript_archive(path: str | Path) -> bool:
@@ -195,3 +206,25 @@ def is_torchscript_archive(path: str | Path) -> bool:
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def resolve_stage_spec(resolve: Callable[..., Any], name: str, *, stage: str, weights: str,
+                       weights_key: str, seed: int, **options: Any) -> Any:
+    """``resolve(name, weights=..., seed=..., **options)`` (a family's ``resolve_*_spec``) for
+    the model stage ``stage``, with a ``weights`` error renamed to the key the value came
+    from (``<stage>.weights``, or the top-level ``weights`` default): a tag or checkpoint that
+    does not fit this stage's model family is refused, never applied."""
+    from featcache.config import ParamError
+
+    try:
+        return resolve(name, weights=weights, seed=seed, **options)
+    except ParamError as e:
+        message = str(e)
+        if not message.startswith("weights:"):
+            raise
+        hint = ""
+        if weights_key == "weights" and weights not in (RANDOM, PRETRAINED):
+            hint = (f" (the top-level weights is the default of every model stage; set "
+                    f"{stage}.weights for the stage whose model it fits, and keep the "
+                    f"top-level weights random or pretrained)")
+        raise ParamError(f"{weights_key}{message[len('weights'):]}{hint}") from None

@@ -1,4 +1,5 @@
-"""Per-stage bookkeeping: ``failures.tsv``, ``metrics/<stage>.json``, the failure budget."""
+"""Per-stage bookkeeping: ``failures.tsv``, ``metrics/<stage>.json`` (results, a DVC metric),
+``.featcache/timing/<stage>.json`` (times and memory, not a metric), the failure budget."""
 
 from __future__ import annotations
 
@@ -50,13 +51,38 @@ def peak_memory_mb() -> dict[str, float]:
     return mem
 
 
+# figures of how fast and on what a run went: they change from run to run (or machine to
+# machine), so they stay out of the DVC metric, which holds only what the run produced
+TIMING_KEYS = ("wall_s", "compute_s", "items_per_s", "device", "peak_rss_mb",
+               "peak_rss_children_mb", "peak_cuda_mb")
+TIMING_DIR = Path(".featcache") / "timing"
+
+
+def is_timing_key(key: str) -> bool:
+    """A run-to-run figure (time, speed, memory, device), not a result."""
+    return key in TIMING_KEYS or key.endswith(("_s", "_mb", "_per_s"))
+
+
+def split_metrics(figures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(results, timing)``: the deterministic figures and the run-to-run ones."""
+    timing = {k: v for k, v in figures.items() if is_timing_key(k)}
+    return {k: v for k, v in figures.items() if k not in timing}, timing
+
+
+def timing_path(stage: str) -> Path:
+    """``.featcache/timing/<stage>.json``: git- and DVC-ignored, never a metric."""
+    return TIMING_DIR / f"{stage}.json"
+
+
 def write_metrics(stage: str, results: Sequence[RunResult], extra: dict[str, Any] | None = None,
                   path: str | Path = "") -> Path:
-    """Sum the results into ``path`` (default ``metrics/<stage>.json``; a DVC metric) and
-    return it."""
+    """Sum the results into ``path`` (default ``metrics/<stage>.json``; a DVC metric: items,
+    computed, reused, shards, failed, records and the stage's ``extra`` results) and the
+    timing and memory figures into :func:`timing_path` (not a metric: they differ between two
+    runs of the same experiment). Returns ``path``."""
     wall = sum(r.wall_s for r in results)
     computed = sum(r.computed for r in results)
-    metrics: dict[str, Any] = {
+    figures: dict[str, Any] = {
         "items": sum(r.items for r in results),
         "computed": computed,
         "reused": sum(r.reused for r in results),
@@ -70,8 +96,11 @@ def write_metrics(stage: str, results: Sequence[RunResult], extra: dict[str, Any
         **peak_memory_mb(),
         **(extra or {}),
     }
+    metrics, timing = split_metrics(figures)
     path = Path(path or METRICS_DIR / f"{stage}.json")
     write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_text(timing_path(stage), json.dumps(timing, indent=2, sort_keys=True) + "\n")
+    log.info("%s: %s", stage, ", ".join(f"{k} {v}" for k, v in sorted(timing.items())))
     return path
 
 
