@@ -139,20 +139,20 @@ def placeholder_outputs(repo: Path) -> None:
     """An empty stand-in for every output and metric in dvc.yaml (the inputs of the stages
     downstream: ``download.out`` holds the folders the extraction stages read)."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    raw = repo / params["download"]["out"]
+    raw = repo / params["data"]
     for sub in ("coco", "sa1b", "scannet", "images"):
-        (raw / sub).mkdir(parents=True)
+        (raw / sub).mkdir(parents=True, exist_ok=True)
         (raw / sub / "placeholder").write_text("x")
     for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]:
         section = params[stage]
         for key in ("out", "pictures"):
             if key in section and stage != "download":
-                (repo / section[key]).mkdir(parents=True)
+                (repo / section[key]).mkdir(parents=True, exist_ok=True)
                 (repo / section[key] / "placeholder").write_text("x")
-        for key in ("metrics", "report"):
+        for key in ("metrics", "report", "outputs"):
             if key in section:
                 (repo / section[key]).parent.mkdir(parents=True, exist_ok=True)
-                (repo / section[key]).write_text("{}")
+                (repo / section[key]).write_text("{}" if key != "outputs" else "[]")
 
 
 @pytest.fixture(scope="module")
@@ -225,10 +225,14 @@ def test_runtime_knobs_invalidate_nothing(committed, key, value):
     assert status_after(committed, key, value) == {}
 
 
+# verify depends on every stage's section: it compares each output's provenance with it
 @pytest.mark.parametrize("key, value, changed, rebuilt", [
-    ("extract_clip_grid.grid", 7, {"extract_clip_grid"},
+    ("extract_clip_grid.grid", 7, {"extract_clip_grid", "verify"},
      {"extract_clip_grid", "sample_point_feats", "verify"}),
-    ("extract_siglip.pad_ratio", 0.2, {"extract_siglip"}, {"extract_siglip", "verify"}),
+    ("extract_siglip.pad_ratio", 0.2, {"extract_siglip", "verify"},
+     {"extract_siglip", "verify"}),
+    ("edge_maps_methodB.kernel_size", 5, {"edge_maps_methodB", "verify"},
+     {"edge_maps_methodB", "verify"}),
     ("model", "ViT-L-14", {"extract_clip_grid", "verify"},  # verify's spot check runs the model
      {"extract_clip_grid", "sample_point_feats", "verify"}),
 ])

@@ -280,3 +280,96 @@ def test_stage_script_writes_the_report_then_exits_1(world: Path, copy: Path,
     assert proc.returncode == 1, proc.stderr
     assert "edges.binary" in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads((tmp_path / "verify.json").read_text())["failed"] == ["edges.binary"]
+
+
+# --- a failure row is not coverage; a stale output names the param (issue 13, points 8-9) ---
+
+class AllFailJob(FakeSam2Job):
+    """Every image fails: the stage writes no record, only failure rows."""
+
+    def load(self, item: str) -> list:
+        from featcache.engine import Failure
+
+        return [Failure(item, "bad_image", "unreadable")]
+
+
+def test_an_output_whose_every_item_failed_fails_records(copy: Path) -> None:
+    shutil.rmtree(copy / "sam2")
+    params = EngineParams(num_workers=0, max_failures=100, metrics=str(copy / "m.json"))
+    result = run_job(AllFailJob(Path("raw/sa1b")), None, stage="extract_sam2", out=copy / "sam2",
+                     writer_options=WriterOptions(dtype="fp16"), fingerprint={}, params=params,
+                     provenance={"model": "x", "family": "sam2", "weights": "random"})
+    finish_stage("extract_sam2", copy / "sam2", [result], params)
+    with pytest.raises(VerificationFailed, match=r"sam2\.records"):
+        verify(SHARED, verify_params(copy, copy.parent / "v.json"), expected={})
+    doc = json.loads((copy.parent / "v.json").read_text())
+    assert doc["checks"]["sam2.records"]["written"] == 0
+    assert doc["checks"]["sam2.records"]["failed"] == result.failed > 0
+    assert "no records" in doc["checks"]["sam2.records"]["first_problems"][0]
+
+
+def test_more_failures_than_the_stage_allows_fail_records(copy: Path) -> None:
+    from featcache.checks.outputs import Expectation
+
+    strict = {"siglip": Expectation("extract_siglip", max_failures=0,
+                                    metrics="metrics/extract_siglip.json")}
+    with pytest.raises(VerificationFailed, match=r"siglip\.records"):
+        verify(SHARED, verify_params(copy, copy.parent / "v.json"), expected=strict)
+    check = json.loads((copy.parent / "v.json").read_text())["checks"]["siglip.records"]
+    assert check["failed"] >= 1 and check["items"] > check["failed"]
+    assert "extract_siglip.max_failures=0" in check["first_problems"][0]
+    lenient = {"siglip": Expectation("extract_siglip", max_failures=0.5,
+                                     metrics="metrics/extract_siglip.json")}
+    verify(SHARED, verify_params(copy, copy.parent / "v.json"), expected=lenient)
+
+
+def test_failures_from_a_key_mismatch_fail_records(copy: Path) -> None:
+    key = read_index(copy / "point_feats")[0][0]
+    with open(copy / "point_feats" / "failures.tsv", "a") as f:
+        f.write(f"point_feats\t{key}_x\tmissing_grid\tno grid under key 3 in scene0000_00\n")
+    with pytest.raises(VerificationFailed, match=r"point_feats\.records"):
+        verify(SHARED, verify_params(copy, copy.parent / "v.json"), expected={})
+    check = json.loads((copy.parent / "v.json").read_text())["checks"]["point_feats.records"]
+    assert check["key_mismatch"] == 1 and "extract_clip_grid" in check["first_problems"][0]
+
+
+def world_params(root: Path, **siglip: Any) -> Path:
+    """A params.yaml holding the extract_siglip section the world was built with."""
+    section = {"coco": "raw/coco", "split": "val2017", "out": "features/siglip",
+               "model": TINY_SIGLIP, "max_failures": 0.5, **siglip}
+    path = root / "expect" / "params.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump({"model": TINY_OPENCLIP, "weights": "random", "seed": 0,
+                                    "extract_siglip": section}))
+    return path
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"pad_ratio": 0.2}, "extract_siglip.pad_ratio"),
+    ({"model": TINY_OPENCLIP}, "extract_siglip.model"),
+    ({"layout": "npy"}, "extract_siglip.layout"),
+    ({"weights": "pretrained"}, "extract_siglip.weights"),
+])
+def test_a_stale_output_fails_naming_the_param(world: Path, copy: Path, change: dict,
+                                               key: str) -> None:
+    from featcache.checks.expected import load_expectations
+
+    params = verify_params(copy, copy.parent / "v.json")
+    verify(SHARED, params, expected=load_expectations(world_params(world)))  # up to date
+    with pytest.raises(VerificationFailed, match=r"siglip\.params"):
+        verify(SHARED, params, expected=load_expectations(world_params(world, **change)))
+    doc = json.loads((copy.parent / "v.json").read_text())
+    problem = doc["checks"]["siglip.params"]["first_problems"][0]
+    assert f"params.yaml has {key}:" in problem and "stale" in problem, problem
+
+
+def test_compact_metric_and_records_table(copy: Path) -> None:
+    params = verify_params(copy, copy.parent / "v.json", metrics=str(copy.parent / "m.json"),
+                           outputs=str(copy.parent / "o.json"))
+    verify(SHARED, params, expected={})
+    metric = json.loads((copy.parent / "m.json").read_text())
+    assert metric == {"passed": True, "failed_checks": 0,
+                      "checks": len(json.loads((copy.parent / "v.json").read_text())["checks"])}
+    rows = {r["output"]: r for r in json.loads((copy.parent / "o.json").read_text())}
+    assert set(rows) >= {"clip_grid/coco_val2017", "siglip", "sam2", "point_feats"}
+    assert all(r["written"] > 0 for r in rows.values())
