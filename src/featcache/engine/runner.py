@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featcache.atomic import atomic_path, remove_stale_temps, stale_temps
+from featcache.atomic import atomic_path, remove_stale_temps, stale_temps, with_path
 from featcache.engine.code import code_identity
 from featcache.engine.distributed import DistContext, init_distributed
 from featcache.engine.reuse import link_or_copy, previous_shards
@@ -88,11 +90,52 @@ class _Planned:
         self.name = shard_name(shard_identity(self.member_ids))
 
 
-class _ItemDataset(torch.utils.data.Dataset):
-    """Index i -> (shard, member, the item's pieces and failures); exceptions -> failures."""
+ITEM_TIMEOUT_ENV = "FEATCACHE_ITEM_TIMEOUT_S"   # seconds one item's load may take; 0 = none
+DEFAULT_ITEM_TIMEOUT_S = 600.0
 
-    def __init__(self, job: Job, work: list[tuple[int, int, str]]) -> None:
-        self.job, self.work = job, work
+
+class ItemTimeout(Exception):
+    """An item's load ran past the item timeout (a hung read or decoder)."""
+
+
+def item_timeout_s() -> float:
+    """``$FEATCACHE_ITEM_TIMEOUT_S`` (default 600 s; 0 turns the timeout off)."""
+    value = os.environ.get(ITEM_TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(value) if value else DEFAULT_ITEM_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{ITEM_TIMEOUT_ENV}={value!r}: expected seconds, e.g. 600") from None
+    return max(seconds, 0.0)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, item: str) -> Iterator[None]:
+    """Raise :class:`ItemTimeout` in this (main) thread after ``seconds`` (SIGALRM: a hung
+    system call is interrupted; pure C loops that never return to Python are not)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def alarm(signum: int, frame: object) -> None:
+        raise ItemTimeout(f"{item}: no result after {seconds:g} s (hung input?); the item "
+                          f"was skipped ({ITEM_TIMEOUT_ENV} sets the limit)")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class _ItemDataset(torch.utils.data.Dataset):
+    """Index i -> (shard, member, the item's pieces and failures); exceptions (and a load
+    past the item timeout) -> failures."""
+
+    def __init__(self, job: Job, work: list[tuple[int, int, str]], timeout_s: float = 0.0,
+                 ) -> None:
+        self.job, self.work, self.timeout_s = job, work, timeout_s
 
     def __len__(self) -> int:
         return len(self.work)
@@ -100,7 +143,8 @@ class _ItemDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, int, list[Piece | Failure]]:
         shard, member, item = self.work[i]
         try:
-            return shard, member, list(self.job.load(item))
+            with _deadline(self.timeout_s, item):
+                return shard, member, list(self.job.load(item))
         except Exception as e:  # one bad item must not stop the run
             return shard, member, [Failure(item, type(e).__name__, str(e) or repr(e))]
 
@@ -193,10 +237,14 @@ def _compute_shards(job: Job, compute: Compute | None, todo: list[_Planned], scr
 
     def finish(i: int, built: _ShardBuilder) -> None:
         content = _gather(todo[i], built, options.dtype)
-        result.bytes_written += write_shard(scratch / todo[i].name, content, compression)
+        try:
+            result.bytes_written += write_shard(scratch / todo[i].name, content, compression)
+        except OSError as e:   # disk full: the stage's one line names the shard
+            raise with_path(e, scratch / todo[i].name) from None
 
     loader = torch.utils.data.DataLoader(
-        _ItemDataset(job, work), batch_size=None, shuffle=False, collate_fn=_passthrough,
+        _ItemDataset(job, work, item_timeout_s()), batch_size=None, shuffle=False,
+        collate_fn=_passthrough,
         num_workers=params.num_workers if work else 0, pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if params.num_workers and work else None)
     builders = {i: _ShardBuilder(todo[i]) for i in range(len(todo))}
