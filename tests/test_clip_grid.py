@@ -289,12 +289,12 @@ def test_repository_params_section_is_valid() -> None:
 # --- real dvc: `dvc exp run -S model=...` ------------------------------------------------------
 
 DVC_PARAMS = {
-    "model": TINY_OPENCLIP, "weights": "random", "seed": 0,
+    "model": TINY_OPENCLIP, "weights": "random", "seed": 0, "data": "data/raw",
     "runtime": {"device": "cpu", "num_workers": 0},
-    "extract_clip_grid": {"root": "data/raw", "out": "data/features/clip_grid",
+    "extract_clip_grid": {"out": "data/features/clip_grid",
                           "metrics": "metrics/extract_clip_grid.json",
                           "splits": [{"name": "val", "images": "imgs"}]},
-    "extract_dinov2": {"root": "data/raw", "out": "data/features/dinov2",
+    "extract_dinov2": {"out": "data/features/dinov2",
                        "metrics": "metrics/extract_dinov2.json",
                        "model": TINY_DINOV2, "size": 56,
                        "splits": [{"name": "val", "images": "imgs"}]},

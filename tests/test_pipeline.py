@@ -74,6 +74,31 @@ def test_repro_twice_does_nothing_and_status_is_clean(demo):
     assert json.loads((demo / "reports" / "verify.json").read_text())["passed"]
 
 
+def test_metrics_are_compact_and_deterministic_and_plots_render(demo):
+    """`dvc metrics show` holds results only (no times, memory or device: those are in
+    .featcache/timing/), verify is one pass/fail and a failed-check count, and `dvc plots
+    show` renders verify's pictures and the per-output records plots."""
+    metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], demo).stdout)
+    files = next(iter(metrics.values()))["data"]
+    columns = {k for doc in files.values() for k in doc["data"]}
+    assert not columns & {"wall_s", "compute_s", "items_per_s", "peak_rss_mb", "device"}
+    splits = yaml.safe_load((demo / "params.yaml").read_text())["extract_clip_grid"]["splits"]
+    for doc in files.values():  # per-split figures are summed: one column, not one per split
+        assert not any(s["name"] in json.dumps(doc["data"]) for s in splits), doc
+    assert files["metrics/verify.json"]["data"] == {
+        "passed": True, "failed_checks": 0,
+        "checks": len(json.loads((demo / "reports" / "verify.json").read_text())["checks"])}
+    assert len(columns) <= 30, sorted(columns)
+    timing = json.loads((demo / ".featcache" / "timing" / "extract_clip_grid.json").read_text())
+    assert timing["wall_s"] > 0
+    plots = json.loads(sh(["dvc", "plots", "show", "--json"], demo).stdout)["data"]
+    pictures = {Path(k).name for k, v in plots.items() if v[0]["type"] == "image"}
+    assert pictures == {"clip_grid_pca.png", "dinov2_pca.png", "edges.png",
+                        "uv_projection.png", "siglip_segments.png"}
+    table = plots["records written per output"][0]["content"]["data"]["values"]
+    assert {row["output"] for row in table} >= {"clip_grid/coco_val2017", "siglip", "sam2"}
+
+
 def test_changing_edge_kernel_reruns_only_the_edge_stage_and_verify(demo):
     sam2_before = digest(demo / "data" / "features" / "sam2")
     edges_before = digest(demo / "data" / "features" / "edges")

@@ -59,18 +59,42 @@ TIMING_DIR = Path(".featcache") / "timing"
 
 
 def is_timing_key(key: str) -> bool:
-    """A run-to-run figure (time, speed, memory, device), not a result."""
-    return key in TIMING_KEYS or key.endswith(("_s", "_mb", "_per_s"))
+    """A run-to-run figure (time, speed, memory, scratch size, device), not a result."""
+    return key in TIMING_KEYS or key.endswith(("_s", "_mb", "_per_s", "_bytes"))
+
+
+def summed(per_part: dict[str, Any]) -> dict[str, Any] | None:
+    """``{split: {figure: n}}`` -> ``{figure: sum}`` (None unless every value is a mapping of
+    numbers): one column per figure in ``dvc exp show``, not one per split."""
+    parts = list(per_part.values())
+    if not parts or not all(isinstance(v, dict) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())
+            for v in parts):
+        return None
+    total: dict[str, Any] = {}
+    for part in parts:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def split_metrics(figures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(results, timing)``: the deterministic figures and the run-to-run ones."""
-    timing = {k: v for k, v in figures.items() if is_timing_key(k)}
-    return {k: v for k, v in figures.items() if k not in timing}, timing
+    """``(results, details)``: the deterministic figures (a per-split mapping summed), and
+    the run-to-run ones plus the per-split detail of what was summed."""
+    results, details = {}, {}
+    for key, value in figures.items():
+        if is_timing_key(key):
+            details[key] = value
+        elif isinstance(value, dict) and summed(value) is not None:
+            results[key], details[key] = summed(value), value
+        else:
+            results[key] = value
+    return results, details
 
 
 def timing_path(stage: str) -> Path:
-    """``.featcache/timing/<stage>.json``: git- and DVC-ignored, never a metric."""
+    """``.featcache/timing/<stage>.json`` (times, memory, device, per-split detail): git- and
+    DVC-ignored, never a metric."""
     return TIMING_DIR / f"{stage}.json"
 
 
