@@ -145,8 +145,11 @@ def test_stage_run_drops_scratch_no_output_can_use(tmp_path):
     finish_stage("named", tmp_path / "new", [result], params)
     assert not list(scratch.iterdir())
     import json
-    metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["scratch_bytes"] == 0
+
+    from featcache.engine.metrics import timing_path
+    # a size, not a result: beside the timings, outside the DVC metric
+    assert json.loads(timing_path("named").read_text())["scratch_bytes"] == 0
+    assert "scratch_bytes" not in json.loads((tmp_path / "m.json").read_text())
 
 
 # ------------------------------------------------------------ COCO panoptic (points 3, 4)

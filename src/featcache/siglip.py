@@ -258,9 +258,16 @@ def write_index(out: Path, layout: str) -> int:
     rows = [INDEX_HEADER]
     for key, feat_file in zip(keys, files):
         image, segment = key.split("_", 1)
-        rows.append(f"{image}\t{segment}\t{feat_file}")
+        rows.append("\t".join(_tsv_cell(c) for c in (image, segment, feat_file)))
     write_text(out / INDEX_NAME, "\n".join(rows) + "\n")
     return len(rows) - 1
+
+
+def _tsv_cell(text: str) -> str:
+    """``text`` with backslash, tab, newline and carriage return written as two-character
+    backslash escapes, so one row stays one line of three cells whatever a name holds."""
+    return (text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            .replace("\r", "\\r"))
 
 
 def build_siglip_job(params: SiglipParams, spec: EncoderSpec) -> SiglipJob:

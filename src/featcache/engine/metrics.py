@@ -147,9 +147,9 @@ def check_failures(results: Sequence[RunResult], max_failures: float) -> None:
 def finish_stage(stage: str, out_dir: str | Path, results: Sequence[RunResult],
                  params: EngineParams, extra: dict[str, Any] | None = None) -> None:
     """Write ``<out_dir>/failures.tsv``, drop the stage's scratch that no current output
-    uses, write the metrics (``params.metrics``, with ``scratch_bytes``: the whole scratch
-    area's size after that), then enforce ``params.max_failures``. Only rank 0 writes (under
-    torchrun every rank calls this)."""
+    uses, write the metrics (``params.metrics``; ``scratch_bytes``, the whole scratch area's
+    size after that, goes with the timing figures), then enforce ``params.max_failures``.
+    Only rank 0 writes (under torchrun every rank calls this)."""
     from featcache.engine.distributed import init_distributed, shutdown_distributed
 
     ctx = init_distributed()
