@@ -320,3 +320,15 @@ def test_archive_bombs_are_refused_before_anything_lands(tmp_path, monkeypatch):
             extract(archive, target, **kwargs)
         assert not [p for p in target.rglob("*")]      # nothing reached the target
     assert len(extract(many, target)) == 30           # within the default bounds: fine
+
+
+@pytest.mark.parametrize("name", ["../sa_1.tar", "sub/sa_1.tar", "sa\\1.tar", ".sa_1.tar",
+                                  "sa_1\x00.tar", "s" * 256, "sa_0.tar"])
+def test_sa1b_links_names_must_stay_in_the_download_folder(tmp_path, name):
+    from featcache.config import ParamError
+    from featcache.download import read_sa1b_links
+
+    links = tmp_path / "links.txt"
+    links.write_text(f"file_name\tcdn_link\nsa_0.tar\thttps://x/0\n{name}\thttps://x/1\n")
+    with pytest.raises(ParamError, match="sa1b.links.*line 3"):
+        read_sa1b_links(str(links))
