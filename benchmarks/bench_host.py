@@ -80,8 +80,10 @@ def _dims(spec: Any) -> tuple[int, int]:
 
 def patch_null_encoder() -> None:
     import featcache.encoders as enc
+    from featcache.encoders import dinov2, openclip, sam2
 
-    enc.load_encoder = null_encoder
+    enc.load_encoder = null_encoder   # and each family's loader, for stages that call it
+    openclip.load_openclip = dinov2.load_dinov2 = sam2.load_sam2 = null_encoder
 
 
 # ---------------------------------------------------------------- inputs and stage runs

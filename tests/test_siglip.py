@@ -189,12 +189,13 @@ def test_job_load_handles_every_edge_case(edge_split):
     tiny[20:22, 40:43] = 9
     jpg = root / "val2017" / "000000000002.jpg"
     # 3x2 px at x 40..42, y 20..21: centre (41.5, 21) -> a 32 px box from x 25, y 5
-    want = Preprocessor(spec)(hand_crop(jpg, tiny, 9, slice(5, 37), slice(25, 57)))
+    # workers send the prepared uint8 crop; normalisation happens in compute, on the device
+    want = Preprocessor(spec).prepare(hand_crop(jpg, tiny, 9, slice(5, 37), slice(25, 57)))
     torch.testing.assert_close(pieces["000000000002_9"].tensor, want, atol=0, rtol=0)
     for image_id in (6, 7):  # grayscale and CMYK decode to RGB and embed normally
         jpg = root / "val2017" / f"00000000000{image_id}.jpg"
-        want = Preprocessor(spec)(hand_crop(jpg, blocks(ids=(3, 4)), 3, slice(0, 48),
-                                            slice(0, 35)))
+        want = Preprocessor(spec).prepare(hand_crop(jpg, blocks(ids=(3, 4)), 3, slice(0, 48),
+                                                    slice(0, 35)))
         torch.testing.assert_close(pieces[f"00000000000{image_id}_3"].tensor, want,
                                    atol=0, rtol=0)
 
@@ -361,6 +362,8 @@ def test_stage_script_reports_a_bad_param_in_one_line(tmp_path):
 
 class BrokenEncoder(torch.nn.Module):
     """Pools to zeros for the first input and NaN for the second."""
+
+    spec = resolve_spec("open_clip", TINY_SIGLIP, weights="random")  # mean/std for compute
 
     def forward(self, x):
         from featcache.encoders import EncoderOutput

@@ -10,6 +10,17 @@ the upstream eval transforms exactly, with every setting explicit (no hidden 256
 - SAM2: as ``sam2.utils.transforms.SAM2Transforms``: ``ToTensor`` first, then a float tensor
   resize to the square input (bilinear, antialiased), then ``Normalize``.
 
+The work is split in two so that the bytes crossing from DataLoader workers are few:
+:meth:`Preprocessor.prepare` (workers) does the geometry and returns ``uint8 [3, H_in, W_in]``
+(SAM2: the float resize's ``float32`` result, since its exact transform resizes in float);
+:func:`model_input` (the compute side, on the device) casts, scales to ``[0, 1]`` and
+normalises a whole batch. ``Preprocessor(spec)(rgb)`` is both steps, with the same bits.
+
+Memory per item is bounded by the model input: with ``shortest_crop`` an image whose resized
+size would exceed :data:`BOX_RESIZE_FACTOR` times the input area (e.g. a 1 x W strip, which
+would become 224 x 224W) is resized through the crop window only (PIL's ``box``: the same
+filter taps and window centres as the full resize followed by the crop).
+
 Coordinates (:class:`ResizeGeometry`): x right, y down, in pixels of the original image, with
 pixel ``i`` covering ``[i, i+1)`` (its centre at ``i + 0.5``). A point maps into the model input
 as ``x_in = (x + 0.5) * scale_x - offset_x - 0.5`` (same for y), where ``scale`` is
@@ -26,6 +37,7 @@ from PIL import Image
 
 from featcache.encoders.base import EncoderSpec
 
+BOX_RESIZE_FACTOR = 4   # resized area over input area above which only the crop window is resized
 _PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
@@ -78,14 +90,15 @@ class Preprocessor:
         self.spec = spec
 
     def __call__(self, rgb: np.ndarray) -> torch.Tensor:
+        return model_input(self.prepare(rgb)[None], self.spec, torch.device("cpu"))[0]
+
+    def prepare(self, rgb: np.ndarray) -> torch.Tensor:
+        """The worker's half: ``(H, W, 3) uint8 -> [3, H_in, W_in]`` resized and cropped,
+        ``uint8`` (SAM2: ``float32`` in ``[0, 1]`` when it had to resize), not normalised."""
         check_rgb(rgb)
         if self.spec.family == "sam2":
-            x = self._resize_tensor(rgb)
-        else:
-            x = self._resize_pil(rgb)
-        mean = torch.tensor(self.spec.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.spec.std, dtype=torch.float32).view(3, 1, 1)
-        return x.sub_(mean).div_(std)
+            return self._resize_tensor(rgb)
+        return self._resize_pil(rgb)
 
     def geometry(self, height: int, width: int) -> ResizeGeometry:
         """Mapping of an ``height x width`` original image into the model input."""
@@ -101,23 +114,49 @@ class Preprocessor:
         height, width = rgb.shape[:2]
         geo = self.geometry(height, width)
         img = Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
-        if (geo.resized_height, geo.resized_width) != (height, width):
-            img = img.resize((geo.resized_width, geo.resized_height),
-                             _PIL_RESAMPLE[self.spec.interpolation])
         out_h, out_w = self.spec.input_size
+        resample = _PIL_RESAMPLE[self.spec.interpolation]
+        if geo.resized_height * geo.resized_width > BOX_RESIZE_FACTOR * out_h * out_w:
+            # resize the crop window only: same taps, memory bounded by the input size
+            box = (geo.offset_x / geo.scale_x, geo.offset_y / geo.scale_y,
+                   (geo.offset_x + out_w) / geo.scale_x, (geo.offset_y + out_h) / geo.scale_y)
+            img = img.resize((out_w, out_h), resample, box=box)
+            return to_uint8_tensor(np.asarray(img))
+        if (geo.resized_height, geo.resized_width) != (height, width):
+            img = img.resize((geo.resized_width, geo.resized_height), resample)
         if (out_h, out_w) != (geo.resized_height, geo.resized_width):
             img = img.crop((geo.offset_x, geo.offset_y,
                             geo.offset_x + out_w, geo.offset_y + out_h))
-        return to_tensor(np.asarray(img))
+        return to_uint8_tensor(np.asarray(img))
 
     def _resize_tensor(self, rgb: np.ndarray) -> torch.Tensor:
+        if tuple(rgb.shape[:2]) == self.spec.input_size:
+            return to_uint8_tensor(rgb)
         x = to_tensor(rgb)
-        if tuple(x.shape[1:]) == self.spec.input_size:
-            return x
         x = torch.nn.functional.interpolate(
             x[None], size=self.spec.input_size, mode=self.spec.interpolation,
             align_corners=False, antialias=True)[0]
         return x
+
+
+def model_input(x: torch.Tensor, spec: EncoderSpec, device: torch.device) -> torch.Tensor:
+    """The device's half: ``[B, 3, H, W]`` from :meth:`Preprocessor.prepare` (``uint8``, or
+    ``float32`` in ``[0, 1]``) -> ``float32`` normalised with the spec's mean/std, on
+    ``device``. The same float32 operations as torchvision's ``ToTensor`` + ``Normalize``, so
+    the same bits."""
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32).div_(255)
+    elif x.dtype != torch.float32:
+        raise ValueError(f"model input must be uint8 or float32, got {x.dtype}")
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def to_uint8_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3) uint8 -> [3, H, W] uint8`` (contiguous, owning its memory)."""
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:

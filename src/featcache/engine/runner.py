@@ -212,9 +212,14 @@ def _compute_into(compute: Compute, taken: list[tuple[int, Piece]], built: _Shar
 
 
 @contextlib.contextmanager
-def _model_threads(device: torch.device | None, compute: Compute | None) -> Iterator[None]:
-    """One intra-op thread for a model on the CPU (see the module doc), restored after."""
-    if compute is None or (device is not None and device.type != "cpu"):
+def _model_threads(device: torch.device | None, compute: Compute | None,
+                   in_process: bool = False) -> Iterator[None]:
+    """One intra-op thread for a model on the CPU (see the module doc), and for per-item
+    torch ops when items load in this process (``num_workers: 0``; DataLoader workers have one
+    thread already): several threads on small per-item ops cost up to 10x, measured; restored
+    after."""
+    on_cpu = compute is not None and (device is None or device.type == "cpu")
+    if not (on_cpu or in_process):
         yield
         return
     before = torch.get_num_threads()
@@ -372,7 +377,7 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path,
             result.reused += len(p.found)
     log.info("%s: %d items in %d shards; %d of mine to build, %d items reused", out,
              len(items), len(plan), len(todo), result.reused)
-    with _model_threads(device, compute):
+    with _model_threads(device, compute, in_process=params.num_workers == 0):
         _compute_shards(job, compute, todo, scratch, params, writer_options,
                         f"{stage} {out.name}", result)
     ctx.barrier()
