@@ -18,8 +18,9 @@ normalises a whole batch. ``Preprocessor(spec)(rgb)`` is both steps, with the sa
 
 Memory per item is bounded by the model input: with ``shortest_crop`` an image whose resized
 size would exceed :data:`BOX_RESIZE_FACTOR` times the input area (e.g. a 1 x W strip, which
-would become 224 x 224W) is resized through the crop window only (PIL's ``box``: the same
-filter taps and window centres as the full resize followed by the crop).
+would become 224 x 224W) is resized through the crop window only (PIL's ``box``, the same
+filter; measured within 4 grey levels of the full resize + crop, mean < 0.2, not bit-equal). Images
+of aspect ratio up to 16:1 take the exact upstream order.
 
 Coordinates (:class:`ResizeGeometry`): x right, y down, in pixels of the original image, with
 pixel ``i`` covering ``[i, i+1)`` (its centre at ``i + 0.5``). A point maps into the model input
@@ -37,7 +38,7 @@ from PIL import Image
 
 from featcache.encoders.base import EncoderSpec
 
-BOX_RESIZE_FACTOR = 4   # resized area over input area above which only the crop window is resized
+BOX_RESIZE_FACTOR = 16  # resized/input area (= aspect ratio) above which only the crop window is resized
 _PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
@@ -117,7 +118,7 @@ class Preprocessor:
         out_h, out_w = self.spec.input_size
         resample = _PIL_RESAMPLE[self.spec.interpolation]
         if geo.resized_height * geo.resized_width > BOX_RESIZE_FACTOR * out_h * out_w:
-            # resize the crop window only: same taps, memory bounded by the input size
+            # resize the crop window only: memory bounded by the input size (within 4 levels)
             box = (geo.offset_x / geo.scale_x, geo.offset_y / geo.scale_y,
                    (geo.offset_x + out_w) / geo.scale_x, (geo.offset_y + out_h) / geo.scale_y)
             img = img.resize((out_w, out_h), resample, box=box)

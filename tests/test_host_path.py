@@ -1,0 +1,75 @@
+"""The host path: workers send uint8, the device normalises with the same bits, memory per item
+is bounded by the model input, precision ``auto`` is resolved and recorded."""
+
+from __future__ import annotations
+
+import resource
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from encoder_fixtures import real_looking_image
+from featcache.encoders import TINY_OPENCLIP, Preprocessor, resolve_spec
+from featcache.encoders.preprocess import model_input
+from featcache.engine.inference import resolve_precision, to_storage
+
+
+def _full_resize_then_crop(rgb: np.ndarray, pre: Preprocessor) -> np.ndarray:
+    """The plain torchvision order: resize the whole image, then centre-crop."""
+    geo = pre.geometry(*rgb.shape[:2])
+    h, w = pre.spec.input_size
+    img = Image.fromarray(rgb).resize((geo.resized_width, geo.resized_height),
+                                      Image.Resampling.BICUBIC)
+    return np.asarray(img.crop((geo.offset_x, geo.offset_y, geo.offset_x + w,
+                                geo.offset_y + h)))
+
+
+@pytest.mark.parametrize("shape", [(3, 900), (700, 4), (40, 1200)])
+def test_elongated_images_resize_the_crop_window_within_a_few_levels(shape):
+    pre = Preprocessor(resolve_spec("open_clip", "ViT-B-16", weights="random"))
+    rgb = real_looking_image(*shape, seed=3)
+    got = pre.prepare(rgb)
+    assert got.dtype == torch.uint8 and tuple(got.shape) == (3, 224, 224)
+    want = _full_resize_then_crop(rgb, pre).astype(int)
+    diff = np.abs(got.permute(1, 2, 0).numpy().astype(int) - want)
+    assert diff.max() <= 4 and diff.mean() < 0.2, (diff.max(), diff.mean())
+
+
+def test_a_one_pixel_strip_costs_memory_of_the_model_input_only():
+    pre = Preprocessor(resolve_spec("open_clip", "ViT-B-16", weights="random"))
+    rgb = real_looking_image(1, 20000, seed=0)   # the full resize would be 224 x 4.48M px
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    x = pre(rgb)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert tuple(x.shape) == (3, 224, 224) and torch.isfinite(x).all()
+    assert grown_mb < 500, f"peak RSS grew {grown_mb:.0f} MB for one 1x20000 image"
+
+
+def test_prepare_is_uint8_and_the_device_half_gives_the_exact_preprocessing():
+    pre = Preprocessor(resolve_spec("open_clip", TINY_OPENCLIP, weights="random"))
+    rgb = real_looking_image(230, 310, seed=1)
+    wire = pre.prepare(rgb)
+    assert wire.dtype == torch.uint8
+    x = wire.to(torch.float32).div(255)
+    mean = torch.tensor(pre.spec.mean).view(3, 1, 1)
+    std = torch.tensor(pre.spec.std).view(3, 1, 1)
+    want = (x - mean) / std
+    got = model_input(wire[None], pre.spec, torch.device("cpu"))[0]
+    assert torch.equal(got, want) and torch.equal(pre(rgb), want)
+
+
+def test_storage_cast_on_the_device_equals_numpy_astype():
+    x = torch.randn(4, 196, 768) * 30
+    assert np.array_equal(to_storage(x, "fp16"), x.numpy().astype(np.float16))
+    assert to_storage(x, "fp32").dtype == np.float32
+
+
+def test_precision_auto_is_fp32_on_cpu_and_explicit_values_pass_through():
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "auto") == "fp32"
+    assert resolve_precision(cpu, "bf16") == "bf16"
+    if torch.cuda.is_available():
+        want = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        assert resolve_precision(torch.device("cuda"), "auto") == want
