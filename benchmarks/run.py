@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 SIZES = {  # items per stage: (quick, full)
-    "clip_grid": (120, 400), "dinov2": (120, 400), "siglip": (30, 100), "sam2": (8, 24)}
+    "clip_grid": (60, 400), "dinov2": (60, 400), "siglip": (15, 100), "sam2": (6, 24)}
 MAIN_TARGET = {"clip_grid": 0.5, "dinov2": 0.5, "siglip": 0.3, "sam2": 2.0}
 UNIT = {"siglip": "ms/crop"}
 
