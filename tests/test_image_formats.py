@@ -107,7 +107,7 @@ def test_grid_stage_metrics_count_what_is_not_an_image(tmp_path, monkeypatch):
     extract_clip_grid(SharedParams(model=TINY_OPENCLIP, weights="random", device="cpu",
                                    seed=0), params)
     assert sorted(open_features(tmp_path / "out" / "s")) == ["a", "b", "dark"]
-    counts = {"images": 3, "non_image_files": 3, "sub_folders": 1, "low_range_16bit": 1}
+    counts = {"image_files": 3, "non_image_files": 3, "sub_folders": 1, "low_range_16bit": 1}
     metrics = json.loads((tmp_path / "metrics" / f"{STAGE}.json").read_text())
     assert metrics["inputs"] == counts                        # summed over the splits
     detail = json.loads((tmp_path / ".featcache" / "timing" / f"{STAGE}.json").read_text())

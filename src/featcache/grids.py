@@ -325,14 +325,14 @@ def run_grid_stage(plan: GridPlan, shared: SharedParams, params: GridParams) -> 
 
 def survey_splits(stage: str, splits: dict[str, tuple[Path, list[Path]]],
                   ) -> dict[str, dict[str, int]]:
-    """Per split: ``images`` listed, plus :func:`featcache.images.survey_folder`'s counts
+    """Per split: ``image_files`` listed, plus :func:`featcache.images.survey_folder`'s counts
     (files that are not images, sub-folders, 16-bit files with a low range), logged when
     non-zero: the metrics' ``inputs`` entry."""
     from featcache.images import IMAGE_EXTENSIONS, survey_folder
 
     inputs = {}
     for name, (folder, paths) in splits.items():
-        counts = {"images": len(paths), **survey_folder(folder, paths)}
+        counts = {"image_files": len(paths), **survey_folder(folder, paths)}
         if counts["non_image_files"] or counts["sub_folders"]:
             log.warning("%s %s: %d files that are not images (extensions %s) and %d "
                         "sub-folders in %s are not read", stage, name,
