@@ -332,3 +332,37 @@ def test_sa1b_links_names_must_stay_in_the_download_folder(tmp_path, name):
     links.write_text(f"file_name\tcdn_link\nsa_0.tar\thttps://x/0\n{name}\thttps://x/1\n")
     with pytest.raises(ParamError, match="sa1b.links.*line 3"):
         read_sa1b_links(str(links))
+
+
+def test_verify_accepts_a_per_item_file_refused_for_its_name(tmp_path, monkeypatch):
+    """layout npz: an image whose stem makes `<stem>_edges.npz` longer than a file name can
+    be is one failures row and stays in the shards; verify's npz_view check accepts that
+    and still checks every other file."""
+    import shutil
+
+    from featcache.checks import Report
+    from featcache.checks.npz import check_edges
+    from featcache.config import build_dataclass
+    from featcache.edges import EdgeParams, run_edge_maps
+    from featcache.sample import generate_sample
+
+    generate_sample(tmp_path / "raw", seed=0)
+    sa1b = tmp_path / "raw" / "sa1b"
+    first = sorted(sa1b.glob("*.jpg"))[0]
+    long = "l" * (NAME_MAX - len("_edges.npz") + 5)           # the .jpg and .json still fit
+    shutil.move(first, sa1b / f"{long}.jpg")
+    shutil.move(first.with_suffix(".json"), sa1b / f"{long}.json")
+    monkeypatch.chdir(tmp_path)
+    params = build_dataclass(EdgeParams, {"sa1b": str(sa1b), "out": "edges", "layout": "npz",
+                                          "num_workers": 0, "max_failures": 0.5},
+                             prefix="edge_maps_methodB")
+    result = run_edge_maps(params)
+    assert [(f.item, f.error) for f in result.failures] == [(long, "name_too_long")]
+    report = Report()
+    check_edges(report, tmp_path / "edges")
+    assert report.checks["edges.npz_view"].items == result.records - 1
+    assert not report.failed, {n: report.checks[n].first_problems for n in report.failed}
+    next(p for p in (tmp_path / "edges").glob("*_edges.npz")).unlink()   # still caught
+    report = Report()
+    check_edges(report, tmp_path / "edges")
+    assert report.failed == ["edges.npz_view"]
