@@ -73,3 +73,15 @@ def test_precision_auto_is_fp32_on_cpu_and_explicit_values_pass_through():
     if torch.cuda.is_available():
         want = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         assert resolve_precision(torch.device("cuda"), "auto") == want
+
+
+@pytest.mark.parametrize("bf16, want", [(True, "bf16"), (False, "fp16")])
+def test_precision_auto_on_cuda_is_bf16_where_supported_for_every_family(monkeypatch, bf16,
+                                                                         want):
+    from featcache.sam2_features import compute_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    cuda = torch.device("cuda")
+    assert resolve_precision(cuda, "auto") == want
+    # SAM2 used to pick fp16 whenever it stored fp16; now the device decides, as for the others
+    assert compute_precision(cuda, "fp16") == want and compute_precision(cuda, "fp32") == want
