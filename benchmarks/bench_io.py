@@ -25,23 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-class RowJob:
-    def __init__(self, names: list[str], shape: tuple[int, ...]) -> None:
-        self.names, self.shape = names, shape
-
-    def items(self) -> list[str]:
-        return list(self.names)
-
-    def signature(self, item: str) -> str:
-        return item
-
-    def load(self, item: str):
-        from featcache.engine import Piece
-
-        rng = np.random.default_rng(int(item[3:]))
-        return [Piece(item, arrays={"grids": rng.standard_normal(self.shape, np.float32)
-                                    .astype(np.float16)})]
+from bench_shards import GridJob   # the same generated grids
 
 
 def write_layout(root: Path, names: list[str], shape: tuple[int, ...], layout: str,
@@ -49,7 +33,7 @@ def write_layout(root: Path, names: list[str], shape: tuple[int, ...], layout: s
     from featcache.engine import EngineParams, WriterOptions, run_job
 
     out = root / layout
-    job = RowJob(names, shape)
+    job = GridJob(names, shape)
     t = time.perf_counter()
     run_job(job, None, stage=f"bench_{layout}", out=out, writer=layout,
             writer_options=WriterOptions(dtype="fp16"), provenance={}, fingerprint={},

@@ -27,10 +27,11 @@ ROW = (49, 768)     # --row 196 for full ViT-B/16 grids
 
 
 class GridJob:
-    """``n`` items ``img000000``..; item i's grid is seeded by i (so any run can recompute it)."""
+    """Items ``img000000``..; item i's ``shape`` fp16 grid is seeded by i (so any run can
+    recompute it). Also the item source of ``bench_io``."""
 
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
+    def __init__(self, names: list[str], shape: tuple[int, ...] = ROW) -> None:
+        self.names, self.shape = names, shape
 
     def items(self) -> list[str]:
         return list(self.names)
@@ -42,7 +43,7 @@ class GridJob:
         from featcache.engine import Piece
 
         rng = np.random.default_rng(int(item[3:]))
-        return [Piece(item, arrays={"grids": rng.standard_normal(ROW, np.float32)
+        return [Piece(item, arrays={"grids": rng.standard_normal(self.shape, np.float32)
                                     .astype(np.float16)})]
 
 
@@ -51,20 +52,21 @@ def wchar() -> int:
         return int(next(line for line in f if line.startswith("wchar")).split()[1])
 
 
-def run(names: list[str], out: Path, shard_mb: float, layout: str = "shards") -> dict:
+def run(names: list[str], out: Path, shard_mb: float, layout: str = "shards",
+        shape: tuple[int, ...] = ROW) -> dict:
     from featcache.engine import EngineParams, WriterOptions, run_job
 
     sharded = "item_bytes" in inspect.signature(run_job).parameters
-    extra = {"item_bytes": int(np.prod(ROW)) * 2} if sharded else {}
+    extra = {"item_bytes": int(np.prod(shape)) * 2} if sharded else {}
     params = EngineParams(num_workers=0, **({"shard_mb": shard_mb} if sharded else {}))
     writer = layout if sharded else {"shards": "hdf5_packed", "hdf5": "hdf5"}[layout]
     target = out if sharded else out.with_suffix(".h5")
     before, t = wchar(), time.perf_counter()
-    result = run_job(GridJob(names), None, stage="bench", out=target, writer=writer,
+    result = run_job(GridJob(names, shape), None, stage="bench", out=target, writer=writer,
                      writer_options=WriterOptions(dtype="fp16"), provenance={},
                      fingerprint={}, params=params, **extra)
     written, seconds = wchar() - before, time.perf_counter() - t
-    feature_bytes = len(names) * int(np.prod(ROW)) * 2
+    feature_bytes = len(names) * int(np.prod(shape)) * 2
     files = [p for p in (target.rglob("*") if target.is_dir() else [target]) if p.is_file()]
     computed = getattr(result, "computed", getattr(result, "done", len(names)))
     return {"items": len(names), "computed": computed,
@@ -102,10 +104,10 @@ def reader_reads(path: Path, keys: list[str], n: int = 1000) -> float:
     return (time.perf_counter() - t) / n
 
 
-def plain_file(path: Path, names: list[str]) -> None:
+def plain_file(path: Path, names: list[str], shape: tuple[int, ...]) -> None:
     import h5py
 
-    job = GridJob(names)
+    job = GridJob(names, shape)
     with h5py.File(path, "w") as f:
         for name in names:
             f.create_dataset(f"{name}_grids", data=job.load(name)[0].arrays["grids"])
@@ -119,23 +121,22 @@ def main() -> None:
     ap.add_argument("--row", type=int, default=49, help="tokens per grid (49 or 196)")
     args = ap.parse_args()
     json_path = Path(args.json).resolve() if args.json else None
-    global ROW
-    ROW = (args.row, 768)
+    shape = (args.row, 768)
     names = [f"img{i:06d}" for i in range(args.items)]
     rng = random.Random(1)
     held_back = set(rng.sample(names, max(1, args.items // 100)))    # 1%, spread over the keys
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
-        results["fresh"] = run(names, Path("fresh"), args.shard_mb)
+        results["fresh"] = run(names, Path("fresh"), args.shard_mb, shape=shape)
         results["before_1pct"] = run([n for n in names if n not in held_back], Path("inc"),
-                                     args.shard_mb)
-        results["add_1pct"] = run(names, Path("inc"), args.shard_mb)
+                                     args.shard_mb, shape=shape)
+        results["add_1pct"] = run(names, Path("inc"), args.shard_mb, shape=shape)
         results["add_1pct"]["model_work_fraction"] = round(
             results["add_1pct"]["computed"] / args.items, 4)
         try:
-            run(names, Path("view"), args.shard_mb, layout="hdf5")
-            plain_file(Path("plain.h5"), names)
+            run(names, Path("view"), args.shard_mb, layout="hdf5", shape=shape)
+            plain_file(Path("plain.h5"), names, shape)
             plain, view = random_reads(Path("plain.h5"), names), random_reads(
                 Path("view.h5"), names)
             shards = reader_reads(Path("view"), names)
