@@ -3,7 +3,6 @@ is bounded by the model input, precision ``auto`` is resolved and recorded."""
 
 from __future__ import annotations
 
-import resource
 
 import numpy as np
 import pytest
@@ -38,13 +37,20 @@ def test_elongated_images_resize_the_crop_window_within_a_few_levels(shape):
 
 
 def test_a_one_pixel_strip_costs_memory_of_the_model_input_only():
-    pre = Preprocessor(resolve_spec("open_clip", "ViT-B-16", weights="random"))
-    rgb = real_looking_image(1, 20000, seed=0)   # the full resize would be 224 x 4.48M px
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    x = pre(rgb)
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    assert tuple(x.shape) == (3, 224, 224) and torch.isfinite(x).all()
-    assert grown_mb < 500, f"peak RSS grew {grown_mb:.0f} MB for one 1x20000 image"
+    """In a fresh process (peak RSS of this one may already be high from other tests)."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, resource, torch; from featcache.encoders import resolve_spec, "
+            "Preprocessor; pre = Preprocessor(resolve_spec('open_clip', 'ViT-B-16', "
+            "weights='random')); rgb = np.random.default_rng(0).integers(0, 256, (1, 20000, 3), "
+            "np.uint8); b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; x = pre(rgb); "
+            "g = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - b) / 1024; "
+            "print(g, tuple(x.shape) == (3, 224, 224) and bool(torch.isfinite(x).all()))")
+    grown_mb, ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  check=True).stdout.split()
+    # the full resize would be 224 x 4.48M px (~3 GB of uint8 RGB)
+    assert ok == "True" and float(grown_mb) < 500, f"peak RSS grew {grown_mb} MB"
 
 
 def test_prepare_is_uint8_and_the_device_half_gives_the_exact_preprocessing():
@@ -85,3 +91,31 @@ def test_precision_auto_on_cuda_is_bf16_where_supported_for_every_family(monkeyp
     assert resolve_precision(cuda, "auto") == want
     # SAM2 used to pick fp16 whenever it stored fp16; now the device decides, as for the others
     assert compute_precision(cuda, "fp16") == want and compute_precision(cuda, "fp32") == want
+
+
+def test_the_alpha_mask_of_a_strip_is_windowed_like_the_image(monkeypatch):
+    """Above 16:1 the alpha is resized through the model-input window only (bounded memory,
+    checked in a fresh process), and agrees with the full resize to within 0.05 per cell."""
+    import subprocess
+    import sys
+
+    import featcache.encoders.preprocess as preprocess
+    from featcache.grids import alpha_grid
+
+    code = ("import numpy as np, resource; from featcache.encoders import resolve_spec, "
+            "Preprocessor; from featcache.grids import alpha_grid; "
+            "pre = Preprocessor(resolve_spec('open_clip', 'ViT-B-16', weights='random')); "
+            "a = np.full((1, 20000), 200, np.uint8); "
+            "b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "m = alpha_grid(a, (1, 20000), pre, 14); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - b) / 1024, m.mean())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert float(out[0]) < 200 and abs(float(out[1]) - 200 / 255) < 1e-6   # full: ~4 GB
+    pre = Preprocessor(resolve_spec("open_clip", "ViT-B-16", weights="random"))
+    rng = np.random.default_rng(0)
+    alpha = (rng.random((12, 400)) * 255).astype(np.uint8)    # 33:1, small enough for both
+    windowed = alpha_grid(alpha, alpha.shape, pre, 14)
+    monkeypatch.setattr(preprocess, "BOX_RESIZE_FACTOR", 10**9)   # the full resize
+    full = alpha_grid(alpha, alpha.shape, pre, 14)
+    assert np.abs(windowed - full).max() < 0.05   # noise alpha: the window is sub-pixel off
