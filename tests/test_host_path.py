@@ -3,7 +3,6 @@ is bounded by the model input, precision ``auto`` is resolved and recorded."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
