@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -311,11 +312,11 @@ def linked_paths(data: dict[str, Any], section: str, values: dict[str, Any]) -> 
     return found
 
 
-def lookup(data: dict[str, Any], dotted: str) -> Any:
-    """``data["a"]["b"]`` for ``"a.b"``; None where a part is missing."""
+def lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    """``data["a"]["b"]`` for ``"a.b"``; None where a part is missing (params, provenance)."""
     node: Any = data
     for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
+        if not isinstance(node, Mapping) or part not in node:
             return None
         node = node[part]
     return node

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from featcache.checks import Report, problems_to
+from featcache.config import lookup
 from featcache.reader import open_features
 
 # failure codes that mean "the key this item needs is not in the upstream output"
@@ -117,15 +118,6 @@ def check_records(report: Report, kind: str, folder: Path,
     return counts
 
 
-def provenance_value(prov: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = prov
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _plain(value: Any) -> Any:
     """JSON's view of a value (tuples are lists, ints and floats compare as numbers)."""
     return json.loads(json.dumps(value))
@@ -143,7 +135,7 @@ def check_params(report: Report, kind: str, folder: Path, expected: Expectation 
             prov = open_features(out).provenance
             for path, (key, want) in sorted(expected.made_with.items()):
                 check.items += 1
-                got = provenance_value(prov, path)
+                got = lookup(prov, path)
                 check.expect(_plain(got) == _plain(want),
                              f"{out.name}: stale: made with {path}={got!r}, params.yaml has "
                              f"{key}: {want!r}; re-run {expected.stage} (dvc repro "
