@@ -14,7 +14,6 @@ coverage) and ``<kind>.params`` (the output is not stale).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
