@@ -38,7 +38,7 @@ def make_images(folder: Path, n: int) -> None:
 
 
 def bench_model_only(encoder, pre, paths, batch_size: int) -> float:
-    from featcache.images import load_image
+    from featcache.datasets.images import load_image
 
     x = torch.stack([pre(load_image(p).rgb) for p in paths])
     with torch.inference_mode():
@@ -53,7 +53,7 @@ def bench_model_only(encoder, pre, paths, batch_size: int) -> float:
 def bench_naive(encoder, pre, paths, out: Path) -> float:
     import h5py
 
-    from featcache.images import load_image
+    from featcache.datasets.images import load_image
 
     t = time.perf_counter()
     with h5py.File(out, "w") as f, torch.inference_mode():
@@ -64,9 +64,9 @@ def bench_naive(encoder, pre, paths, out: Path) -> float:
 
 
 def bench_engine(root: Path, model: str, workers: int, batch_size: int) -> float:
-    from featcache.clip_grid import ClipGridParams, extract_clip_grid
+    from featcache.stages.extract_clip_grid import ClipGridParams, extract_clip_grid
     from featcache.config import SharedParams
-    from featcache.grids import SplitSpec
+    from featcache.stages._grids import SplitSpec
 
     params = ClipGridParams(root=str(root), out=str(root / "out"), batch_size=batch_size,
                             splits=[SplitSpec(name="bench", images="images")],

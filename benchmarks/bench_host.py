@@ -100,24 +100,24 @@ def make_inputs(stage: str, root: Path, n: int) -> dict[str, Any]:
 
 
 def stage_params(stage: str, root: Path, workers: int, batch: int, extra: dict) -> Any:
-    from featcache.grids import SplitSpec
+    from featcache.stages._grids import SplitSpec
 
     common = dict(batch_size=batch, num_workers=workers, **extra)
     splits = [SplitSpec(name="bench", images="val2017")]
     if stage == "clip_grid":
-        from featcache.clip_grid import ClipGridParams
+        from featcache.stages.extract_clip_grid import ClipGridParams
 
         return ClipGridParams(root=str(root), out=str(root / "out"), splits=splits, **common)
     if stage == "dinov2":
-        from featcache.dinov2 import Dinov2Params
+        from featcache.stages.extract_dinov2 import Dinov2Params
 
         return Dinov2Params(root=str(root), out=str(root / "out"), splits=splits, **common)
     if stage == "siglip":
-        from featcache.siglip import SiglipParams
+        from featcache.stages.extract_siglip import SiglipParams
 
         return SiglipParams(coco=str(root / "coco"), split="val2017", out=str(root / "out"),
                             **common)
-    from featcache.sam2_features import Sam2Params
+    from featcache.stages.extract_sam2 import Sam2Params
 
     return Sam2Params(images=str(root / "sa1b"), out=str(root / "out"), config=SAM2_CONFIG,
                       **common)
@@ -128,18 +128,18 @@ def run_stage(stage: str, params: Any, model: str = "ViT-B-16", device: str = "c
 
     shared = SharedParams(model=model, device=device)
     if stage == "clip_grid":
-        from featcache.clip_grid import extract_clip_grid
+        from featcache.stages.extract_clip_grid import extract_clip_grid
 
         return extract_clip_grid(shared, params)[0]
     if stage == "dinov2":
-        from featcache.dinov2 import extract_dinov2
+        from featcache.stages.extract_dinov2 import extract_dinov2
 
         return extract_dinov2(shared, params)[0]
     if stage == "siglip":
-        from featcache.siglip import extract_siglip
+        from featcache.stages.extract_siglip import extract_siglip
 
         return extract_siglip(shared, params)
-    from featcache.sam2_features import extract_sam2
+    from featcache.stages.extract_sam2 import extract_sam2
 
     return extract_sam2(shared, params)
 
@@ -193,8 +193,8 @@ def naive(stage: str, root: Path, spec: Any, limit: int) -> dict[str, float]:
     pre = _upstream_transform(spec)
     items, t_pre, t_save = 0, 0.0, 0.0
     if stage == "siglip":
-        from featcache.coco_panoptic import read_ids_and_image, read_panoptic_split
-        from featcache.siglip import crop_box, mask_bbox, segment_crop, CropSettings
+        from featcache.datasets.coco_panoptic import read_ids_and_image, read_panoptic_split
+        from featcache.stages.extract_siglip import crop_box, mask_bbox, segment_crop, CropSettings
 
         split = read_panoptic_split(str(root / "coco"), "val2017")
         crop = CropSettings(0.3, 0.1, (124, 116, 104), 32)

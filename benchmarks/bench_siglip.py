@@ -5,7 +5,7 @@ then embeds every segment twice with the same model and random weights:
 
 - naive: the main process decodes each image, crops each segment and runs one forward per
   mask (batch of 1), as a simple loop would;
-- engine: :func:`featcache.siglip.run_siglip`: DataLoader workers decode and crop, crops from
+- engine: :func:`featcache.stages.extract_siglip.run_siglip`: DataLoader workers decode and crop, crops from
   many images share one forward of ``--batch-size``.
 
 Prints segments/s for both, their ratio (measured in the same run), and the largest
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featcache.coco_panoptic import ids_to_rgb
+from featcache.datasets.coco_panoptic import ids_to_rgb
 from featcache.encoders import load_encoder, resolve_spec
-from featcache.siglip import SiglipCompute, SiglipParams, build_siglip_job, run_siglip
+from featcache.stages.extract_siglip import SiglipCompute, SiglipParams, build_siglip_job, run_siglip
 
 log = logging.getLogger("bench_siglip")
 

@@ -66,25 +66,25 @@ def phase_breakdown(stage: str, root: Path, params: Any, encoder: Any, limit: in
 
 def _job(stage: str, root: Path, params: Any, encoder: Any):
     import featcache.encoders as enc
-    from featcache.images import composite_alpha, load_image
+    from featcache.datasets.images import composite_alpha, load_image
 
     cpu = torch.device("cpu")
     if stage == "siglip":
-        from featcache.coco_panoptic import read_ids_and_image
-        from featcache.siglip import SiglipCompute, build_siglip_job
+        from featcache.datasets.coco_panoptic import read_ids_and_image
+        from featcache.stages.extract_siglip import SiglipCompute, build_siglip_job
 
         job = build_siglip_job(params, encoder.spec)
         compute = SiglipCompute(encoder, cpu, precision=params.precision)
         entries = {e.item: e for e in job.split.entries}
         return job, compute, lambda item: read_ids_and_image(job.split, entries[item].image)
     if stage == "sam2":
-        from featcache.sam2_features import Sam2Compute, build_sam2_job
+        from featcache.stages.extract_sam2 import Sam2Compute, build_sam2_job
 
         job = build_sam2_job(params, enc.Preprocessor(encoder.spec))
         compute = Sam2Compute(encoder, cpu, "fp32")
         return job, compute, lambda item: load_image(job.folder / item).rgb
-    from featcache.grids import GridCompute, build_grid_job
-    from featcache.images import list_images
+    from featcache.stages._grids import GridCompute, build_grid_job
+    from featcache.datasets.images import list_images
 
     folder = Path(params.root) / params.splits[0].images
     job = build_grid_job(folder, list_images(folder), "image_id", enc.Preprocessor(encoder.spec),

@@ -130,7 +130,7 @@ def main() -> None:
 def _has_fast_path() -> bool:
     import dataclasses
 
-    from featcache.grids import GridParams
+    from featcache.stages._grids import GridParams
 
     return any(f.name == "preprocess" for f in dataclasses.fields(GridParams))
 

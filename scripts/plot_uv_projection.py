@@ -19,10 +19,10 @@ from pathlib import Path
 
 import cv2
 
-from featcache import scannet
+from featcache.datasets import scannet
 from featcache.config import build_dataclass, load_stage_params
-from featcache.pictures import add_caption, render_panels
-from featcache.uv_index import STAGE, UvIndexParams, index_frame, load_points, read_frame
+from featcache.verify.pictures import add_caption, render_panels
+from featcache.stages.build_uv_index import STAGE, UvIndexParams, index_frame, load_points, read_frame
 
 log = logging.getLogger("plot_uv_projection")
 

@@ -2,13 +2,13 @@
 
 Reads the ``build_uv_index`` section of params.yaml and writes the sharded folder ``<out>``
 (one record per frame, key ``<scene>/frame_<idx>``; with ``layout: npz`` also the seed's
-``<out>/<scene>/frame_<idx>.npz`` files; see :mod:`featcache.uv_index`), ``<out>/failures.tsv``
+``<out>/<scene>/frame_<idx>.npz`` files; see :mod:`featcache.stages.build_uv_index`), ``<out>/failures.tsv``
 and the stage metrics (with ``reprojection_max_px``).
 """
 
 from featcache.config import load_stage_params
-from featcache.stage import run_stage
-from featcache.uv_index import STAGE, UvIndexParams, build_uv_index
+from featcache.engine.cli import run_stage
+from featcache.stages.build_uv_index import STAGE, UvIndexParams, build_uv_index
 
 
 def main() -> None:

@@ -1,13 +1,13 @@
 """Stage download: write the embedded sample, or fetch COCO / SA-1B / link ScanNet, and weights.
 
 Reads the shared keys and the ``download`` section of params.yaml (see
-:mod:`featcache.download`). Exit code 2 for a bad parameter, 1 for a failed transfer, a checksum
+:mod:`featcache.stages.download`). Exit code 2 for a bad parameter, 1 for a failed transfer, a checksum
 mismatch or an unsafe archive. Free of torch, so it starts instantly.
 """
 
 from featcache.config import load_stage_params
-from featcache.download import DownloadParams, run_download
-from featcache.stage import run_stage
+from featcache.stages.download import DownloadParams, run_download
+from featcache.engine.cli import run_stage
 
 
 def main() -> None:

@@ -2,12 +2,12 @@
 
 Reads the ``edge_maps_methodB`` section of params.yaml and writes the sharded folder
 ``<out>/`` (the edge maps and flags per image stem; ``layout: npz`` adds the seed's
-``<stem>_edges.npz``; see :mod:`featcache.edges`).
+``<stem>_edges.npz``; see :mod:`featcache.stages.edge_maps_methodB`).
 """
 
 from featcache.config import load_stage_params
-from featcache.edges import STAGE, EdgeParams, run_edge_maps
-from featcache.stage import run_stage
+from featcache.stages.edge_maps_methodB import STAGE, EdgeParams, run_edge_maps
+from featcache.engine.cli import run_stage
 
 
 def main() -> None:

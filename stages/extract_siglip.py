@@ -2,12 +2,12 @@
 
 Reads the shared keys and the ``extract_siglip`` section of params.yaml and writes
 ``<out>/embeddings.h5`` (or per-segment ``.npy`` files), ``<out>/inst2feat.tsv`` and
-``<out>/failures.tsv`` (see :mod:`featcache.siglip`).
+``<out>/failures.tsv`` (see :mod:`featcache.stages.extract_siglip`).
 """
 
 from featcache.config import load_stage_params
-from featcache.siglip import STAGE, SiglipParams, extract_siglip
-from featcache.stage import run_stage
+from featcache.stages.extract_siglip import STAGE, SiglipParams, extract_siglip
+from featcache.engine.cli import run_stage
 
 
 def main() -> None:

@@ -3,12 +3,12 @@
 Reads the ``sample_point_feats`` section of params.yaml and writes the sharded folder ``<out>``
 (one record per frame with ``pts_feat (N, C) float16``, key ``<scene>/frame_<idx>``; with
 ``layout: npz`` also the seed's ``<out>/<scene>/frame_<idx>.npz`` files; see
-:mod:`featcache.point_feats`), ``<out>/failures.tsv`` and the stage metrics.
+:mod:`featcache.stages.sample_point_feats`), ``<out>/failures.tsv`` and the stage metrics.
 """
 
 from featcache.config import load_stage_params
-from featcache.point_feats import STAGE, PointFeatsParams, sample_point_feats
-from featcache.stage import run_stage
+from featcache.stages.sample_point_feats import STAGE, PointFeatsParams, sample_point_feats
+from featcache.engine.cli import run_stage
 
 
 def main() -> None:

@@ -1,12 +1,12 @@
 """Stage verify: open every output, check it, write reports/verify.json and pictures.
 
-Reads the shared keys and the ``verify`` section of params.yaml (see :mod:`featcache.verify`);
+Reads the shared keys and the ``verify`` section of params.yaml (see :mod:`featcache.stages.verify`);
 exits non-zero, after writing the report, when a check fails.
 """
 
 from featcache.config import load_stage_params
-from featcache.stage import run_stage
-from featcache.verify import STAGE, VerifyParams, verify
+from featcache.engine.cli import run_stage
+from featcache.stages.verify import STAGE, VerifyParams, verify
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""extract_clip_grid and the shared grid machinery (featcache.grids), on tiny open_clip models
+"""extract_clip_grid and the shared grid machinery (featcache.stages._grids), on tiny open_clip models
 and generated images; shapes of the real ViT-B/16, ViT-L/14, ViT-B/32 on the meta device."""
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 import yaml
 from PIL import Image
 
-from featcache.clip_grid import STAGE, ClipGridParams, extract_clip_grid, plan_clip_grid
+from featcache.stages.extract_clip_grid import STAGE, ClipGridParams, extract_clip_grid, plan_clip_grid
 from featcache.config import ParamError, SharedParams, build_dataclass, load_stage_params
 from featcache.encoders import TINY_DINOV2, TINY_OPENCLIP, Preprocessor, resolve_spec
-from featcache.grids import (alpha_grid, arrange_grid, build_grid_job, check_target_grid, image_key,
+from featcache.stages._grids import (alpha_grid, arrange_grid, build_grid_job, check_target_grid, image_key,
                              pool_grid)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_alpha_mask_is_the_area_average_per_cell() -> None:
 
 
 def test_job_is_picklable_for_spawned_workers(tmp_path: Path) -> None:
-    from featcache.images import list_images
+    from featcache.datasets.images import list_images
 
     write_split(tmp_path / "imgs")
     pre = Preprocessor(resolve_spec("open_clip", TINY_OPENCLIP, weights="random"))

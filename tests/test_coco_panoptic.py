@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.coco_panoptic import (PanopticError, decode_panoptic_png, ids_to_rgb,
+from featcache.datasets.coco_panoptic import (PanopticError, decode_panoptic_png, ids_to_rgb,
                                      image_key, parse_annotations, read_ids_and_image,
                                      read_panoptic_split, rgb_to_ids, segment_key)
 

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 import yaml
 
-from featcache.archives import (ArchiveError, ChecksumError, DownloadError, UnsafeArchiveError,
+from featcache.datasets.archives import (ArchiveError, ChecksumError, DownloadError, UnsafeArchiveError,
                                 extract, fetch, file_digests)
 from featcache.config import ParamError, SharedParams, build_dataclass
-from featcache.download import SOURCES, DownloadParams, run_download
+from featcache.stages.download import SOURCES, DownloadParams, run_download
 
 STAGE = Path(__file__).resolve().parents[1] / "stages" / "download.py"
 

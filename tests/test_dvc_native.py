@@ -65,13 +65,13 @@ def test_verify_and_point_feats_follow_a_stage_out(committed):  # noqa: F811
 
 
 def load_verify(repo: Path):
-    from featcache.verify import VerifyParams
+    from featcache.stages.verify import VerifyParams
 
     return load_stage_params("verify", VerifyParams, repo / "params.yaml")
 
 
 def test_a_path_written_twice_is_refused(committed, tmp_path):  # noqa: F811
-    from featcache.point_feats import PointFeatsParams
+    from featcache.stages.sample_point_feats import PointFeatsParams
 
     doc = yaml.safe_load((committed / "params.yaml").read_text())
     doc["sample_point_feats"]["uv_index"] = "data/features/uv_index"
@@ -98,7 +98,7 @@ def test_one_data_key_moves_every_stage_to_the_new_data(committed):  # noqa: F81
         assert "data/raw/real" in changed_paths(report, "download", "changed outs")
         # sample_point_feats reads no raw data: only the outputs upstream of it (re-run by them)
         assert "sample_point_feats" not in report
-        from featcache.siglip import SiglipParams
+        from featcache.stages.extract_siglip import SiglipParams
 
         _, siglip = load_stage_params("extract_siglip", SiglipParams, committed / "params.yaml")
         assert siglip.coco == "data/raw/real/coco"
@@ -106,8 +106,8 @@ def test_one_data_key_moves_every_stage_to_the_new_data(committed):  # noqa: F81
 
 
 def test_each_model_stage_has_its_own_weights(committed):  # noqa: F811
-    from featcache.sam2_features import Sam2Params
-    from featcache.siglip import SiglipParams
+    from featcache.stages.extract_sam2 import Sam2Params
+    from featcache.stages.extract_siglip import SiglipParams
 
     params = committed / "params.yaml"
     with edited(params, set_param("extract_sam2.weights", "pretrained")):

@@ -12,14 +12,14 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from featcache.checks import Report
-from featcache.checks.npz import check_edges
+from featcache.verify.checks import Report
+from featcache.verify.npz_checks import check_edges
 from featcache.config import ParamError, build_dataclass, load_stage_params
-from featcache.edges import (EdgeParams, compute_image_edges, edge_item_bytes,
+from featcache.stages.edge_maps_methodB import (EdgeParams, compute_image_edges, edge_item_bytes,
                              edge_map_method_b, resize_edge_map, run_edge_maps)
 from featcache.engine import TooManyFailures
 from featcache.engine.shards import SHARDS_DIR, read_index
-from featcache.pictures import edges_picture
+from featcache.verify.pictures import edges_picture
 from featcache.reader import open_features
 
 SECTION = "edge_maps_methodB"

@@ -19,7 +19,7 @@ import torch
 from featcache.engine import EngineParams, WriterOptions, finish_stage, run_job
 from featcache.engine.types import Failure, Piece
 from featcache.reader import open_features
-from featcache.stage import run_stage
+from featcache.engine.cli import run_stage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_hardening import NamedJob  # noqa: E402
@@ -85,7 +85,7 @@ def test_disk_full_is_one_line_naming_the_path_and_a_rerun_loses_nothing(tmp_pat
 
 
 def test_disk_full_in_a_per_item_file_names_the_file(tmp_path, monkeypatch, caplog):
-    import featcache.atomic as atomic
+    import featcache.engine.atomic as atomic
 
     real = atomic.os.replace
 

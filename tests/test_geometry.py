@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from featcache import geometry
+from featcache.datasets import geometry
 
 K = np.array([[100.0, 0.0, 50.0], [0.0, 200.0, 40.0], [0.0, 0.0, 1.0]])
 SIZE = (101, 81)  # (W, H)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import featcache.atomic as atomic
+import featcache.engine.atomic as atomic
 from featcache.engine import EngineParams, WriterOptions, finish_stage, run_job
 from featcache.engine.types import Failure, Piece
 from featcache.reader import open_features
@@ -157,7 +157,7 @@ def test_stage_run_drops_scratch_no_output_can_use(tmp_path):
 
 def _coco_job(root: Path):
     from featcache.encoders import resolve_spec
-    from featcache.siglip import SiglipParams, build_siglip_job
+    from featcache.stages.extract_siglip import SiglipParams, build_siglip_job
 
     params = SiglipParams(coco=str(root), split="val2017", out=str(root / "o"),
                           model="featcache-tiny-siglip", batch_size=4, num_workers=0)
@@ -257,7 +257,7 @@ from test_download import ServerState, _payload, _sha, server  # noqa: E402,F401
 
 def test_download_without_length_is_complete_only_at_the_announced_size(server, tmp_path):
     """The SA-1B case: no checksum, no Content-Length, the server closes early."""
-    from featcache.archives import fetch
+    from featcache.datasets.archives import fetch
 
     data = _payload()
     server.files["/sa_0.tar"] = data
@@ -269,7 +269,7 @@ def test_download_without_length_is_complete_only_at_the_announced_size(server, 
 
 
 def test_download_checksum_mismatch_restarts_once_from_scratch(server, tmp_path):
-    from featcache.archives import ChecksumError, fetch
+    from featcache.datasets.archives import ChecksumError, fetch
 
     data = _payload()
     other = bytes(reversed(data))     # the first transfer joined another version of the file
@@ -292,8 +292,8 @@ def test_archive_bombs_are_refused_before_anything_lands(tmp_path, monkeypatch):
     import tarfile
     import zipfile
 
-    from featcache import archives
-    from featcache.archives import UnsafeArchiveError, extract
+    from featcache.datasets import archives
+    from featcache.datasets.archives import UnsafeArchiveError, extract
 
     monkeypatch.setattr(archives, "MIN_BUDGET_BYTES", 0)   # the ratio alone decides
     zeros = bytes(8 << 20)
@@ -326,7 +326,7 @@ def test_archive_bombs_are_refused_before_anything_lands(tmp_path, monkeypatch):
                                   "sa_1\x00.tar", "s" * 256, "sa_0.tar"])
 def test_sa1b_links_names_must_stay_in_the_download_folder(tmp_path, name):
     from featcache.config import ParamError
-    from featcache.download import read_sa1b_links
+    from featcache.stages.download import read_sa1b_links
 
     links = tmp_path / "links.txt"
     links.write_text(f"file_name\tcdn_link\nsa_0.tar\thttps://x/0\n{name}\thttps://x/1\n")
@@ -340,10 +340,10 @@ def test_verify_accepts_a_per_item_file_refused_for_its_name(tmp_path, monkeypat
     and still checks every other file."""
     import shutil
 
-    from featcache.checks import Report
-    from featcache.checks.npz import check_edges
+    from featcache.verify.checks import Report
+    from featcache.verify.npz_checks import check_edges
     from featcache.config import build_dataclass
-    from featcache.edges import EdgeParams, run_edge_maps
+    from featcache.stages.edge_maps_methodB import EdgeParams, run_edge_maps
     from featcache.sample import generate_sample
 
     generate_sample(tmp_path / "raw", seed=0)

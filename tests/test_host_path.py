@@ -83,7 +83,7 @@ def test_precision_auto_is_fp32_on_cpu_and_explicit_values_pass_through():
 @pytest.mark.parametrize("bf16, want", [(True, "bf16"), (False, "fp16")])
 def test_precision_auto_on_cuda_is_bf16_where_supported_for_every_family(monkeypatch, bf16,
                                                                          want):
-    from featcache.sam2_features import compute_precision
+    from featcache.stages.extract_sam2 import compute_precision
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     cuda = torch.device("cuda")
@@ -99,10 +99,10 @@ def test_the_alpha_mask_of_a_strip_is_windowed_like_the_image(monkeypatch):
     import sys
 
     import featcache.encoders.preprocess as preprocess
-    from featcache.grids import alpha_grid
+    from featcache.stages._grids import alpha_grid
 
     code = ("import numpy as np, resource; from featcache.encoders import resolve_spec, "
-            "Preprocessor; from featcache.grids import alpha_grid; "
+            "Preprocessor; from featcache.stages._grids import alpha_grid; "
             "pre = Preprocessor(resolve_spec('open_clip', 'ViT-B-16', weights='random')); "
             "a = np.full((1, 20000), 200, np.uint8); "
             "b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "

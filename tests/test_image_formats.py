@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.clip_grid import STAGE, ClipGridParams, extract_clip_grid
+from featcache.stages.extract_clip_grid import STAGE, ClipGridParams, extract_clip_grid
 from featcache.config import SharedParams, build_dataclass
 from featcache.encoders import TINY_OPENCLIP
-from featcache.images import image_size, list_images, load_image, survey_folder
+from featcache.datasets.images import image_size, list_images, load_image, survey_folder
 from featcache.reader import open_features
-from featcache.scannet import read_image_size
+from featcache.datasets.scannet import read_image_size
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""featcache.images: every pixel format decodes to uint8 RGB (+ alpha) with the right values."""
+"""featcache.datasets.images: every pixel format decodes to uint8 RGB (+ alpha) with the right values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from featcache.images import (DecodedImage, ImageDecodeError, composite_alpha, list_images,
+from featcache.datasets.images import (DecodedImage, ImageDecodeError, composite_alpha, list_images,
                               load_image, scale_16bit_to_8bit)
 
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from featcache.atomic import save_npz
+from featcache.engine.atomic import save_npz
 from featcache.config import build_dataclass
-from featcache.edges import EdgeParams, run_edge_maps
+from featcache.stages.edge_maps_methodB import EdgeParams, run_edge_maps
 from featcache.merged import edges_path, features_path, list_merged_stems, load_merged
 
 SEED_KEYS = {"P4_S16", "P5_S32", "IMAGE_EMB_S16", "feature_flag",

@@ -17,14 +17,14 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache.checks import Report
-from featcache.checks.npz import check_point_feats
+from featcache.verify.checks import Report
+from featcache.verify.npz_checks import check_point_feats
 from featcache.config import ParamError, build_dataclass
 from featcache.encoders.base import EncoderSpec
 from featcache.engine import EngineParams, run_job
 from featcache.engine.shards import read_index
 from featcache.engine.types import Failure, Piece
-from featcache.point_feats import (GridError, PointFeatsJob, PointFeatsParams, grid_records,
+from featcache.stages.sample_point_feats import (GridError, PointFeatsJob, PointFeatsParams, grid_records,
                                    normalise_coords, sample_map, sample_point_feats,
                                    sample_point_features, tokens_to_map)
 from featcache.reader import open_features
@@ -153,7 +153,7 @@ def write_output(out: Path, records: dict[str, dict[str, np.ndarray]], provenanc
 
 
 def grid_provenance(resize: str, array_layout: str = "tokens") -> dict:
-    """What sample_point_feats reads of extract_clip_grid's provenance (featcache.grids)."""
+    """What sample_point_feats reads of extract_clip_grid's provenance (featcache.stages._grids)."""
     return {"model": "tiny", "weights": "random", "grid": G, "key_rule": "image_id",
             "array_layout": array_layout, "preprocessing": spec(resize).to_dict()}
 

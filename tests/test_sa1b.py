@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from featcache.images import find_duplicate_keys
-from featcache.sa1b import (Sa1bError, decode_rle, iter_instance_masks,
+from featcache.datasets.images import find_duplicate_keys
+from featcache.datasets.sa1b import (Sa1bError, decode_rle, iter_instance_masks,
                             json_path_for, list_sa1b_images, read_image_size, read_sa1b_json,
                             rle_counts_from_string)
 

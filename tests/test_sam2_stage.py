@@ -26,12 +26,12 @@ import yaml
 from PIL import Image
 
 from encoder_fixtures import real_looking_image
-from featcache.checks import Report
-from featcache.checks.npz import check_sam2
+from featcache.verify.checks import Report
+from featcache.verify.npz_checks import check_sam2
 from featcache.config import ParamError, SharedParams, load_stage_params
 from featcache.engine.shards import SHARDS_DIR, read_index
 from featcache.reader import open_features
-from featcache.sam2_features import (STAGE, Sam2Compute, Sam2Job, Sam2Params, build_sam2_job,
+from featcache.stages.extract_sam2 import (STAGE, Sam2Compute, Sam2Job, Sam2Params, build_sam2_job,
                                      extract_sam2, feature_fields, sam2_item_bytes)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.images import ImageDecodeError, load_image
+from featcache.datasets.images import ImageDecodeError, load_image
 from featcache.sample import generate_sample, load_manifest
 
 SEED = 3

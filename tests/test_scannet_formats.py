@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featcache.clip_grid import STAGE as CLIP_STAGE
-from featcache.clip_grid import ClipGridParams, extract_clip_grid
+from featcache.stages.extract_clip_grid import STAGE as CLIP_STAGE
+from featcache.stages.extract_clip_grid import ClipGridParams, extract_clip_grid
 from featcache.config import SharedParams, build_dataclass
 from featcache.encoders import TINY_OPENCLIP
-from featcache.point_feats import PointFeatsParams, sample_point_feats
+from featcache.stages.sample_point_feats import PointFeatsParams, sample_point_feats
 from featcache.reader import open_features
-from featcache.uv_index import UvIndexParams, build_uv_index
+from featcache.stages.build_uv_index import UvIndexParams, build_uv_index
 from test_uv_index import build_scene
 
 TINY = SharedParams(model=TINY_OPENCLIP, weights="random", device="cpu", seed=0)
@@ -65,13 +65,13 @@ import shutil  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
-from featcache import geometry, scannet  # noqa: E402
-from featcache.checks import Report  # noqa: E402
-from featcache.checks.npz import check_uv_index  # noqa: E402
+from featcache.datasets import geometry, scannet  # noqa: E402
+from featcache.verify.checks import Report  # noqa: E402
+from featcache.verify.npz_checks import check_uv_index  # noqa: E402
 from featcache.config import ParamError  # noqa: E402
 from featcache.sample import generate_sample  # noqa: E402
-from featcache.sample.scannet import COLOR_K, SCENE_LIST, format_matrix  # noqa: E402
-from featcache.uv_index import FrameData, UvIndexJob, index_frame, read_frame  # noqa: E402
+from featcache.sample.scannet_scenes import COLOR_K, SCENE_LIST, format_matrix  # noqa: E402
+from featcache.stages.build_uv_index import FrameData, UvIndexJob, index_frame, read_frame  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import featcache
 from featcache.config import ParamError, SharedParams, build_dataclass
 from featcache.encoders import TINY_SIGLIP, Preprocessor, register_tiny_models, resolve_spec
 from featcache.engine import Batch, Failure, Piece, TooManyFailures
-from featcache.siglip import (SiglipCompute, SiglipParams, blend_background, build_siglip_job,
+from featcache.stages.extract_siglip import (SiglipCompute, SiglipParams, blend_background, build_siglip_job,
                               crop_box, extract_siglip, run_siglip)
 from test_coco_panoptic import SplitBuilder, blocks
 
@@ -382,7 +382,7 @@ def test_compute_refuses_to_store_embeddings_that_are_not_unit_norm():
 def test_spot_check_recomputes_segments_and_catches_a_tampered_one(hdf5_run, tmp_path):
     import h5py
 
-    from featcache.spotcheck import spot_check_segments
+    from featcache.verify.spotcheck import spot_check_segments
 
     out, _ = hdf5_run
     good = spot_check_segments(out / "embeddings.h5", n=3)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.clip_grid import STAGE as CLIP_STAGE
-from featcache.clip_grid import ClipGridParams, extract_clip_grid
+from featcache.stages.extract_clip_grid import STAGE as CLIP_STAGE
+from featcache.stages.extract_clip_grid import ClipGridParams, extract_clip_grid
 from featcache.config import SharedParams, build_dataclass
-from featcache.dinov2 import STAGE as DINO_STAGE
-from featcache.dinov2 import Dinov2Params, extract_dinov2
+from featcache.stages.extract_dinov2 import STAGE as DINO_STAGE
+from featcache.stages.extract_dinov2 import Dinov2Params, extract_dinov2
 from featcache.encoders import TINY_DINOV2, TINY_OPENCLIP
-from featcache.spotcheck import spot_check
+from featcache.verify.spotcheck import spot_check
 
 SHARED = SharedParams(model=TINY_OPENCLIP, weights="random", device="cpu", seed=0)
 

@@ -16,16 +16,16 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import geometry, scannet
-from featcache.checks import Report
-from featcache.checks.npz import check_uv_index
+from featcache.datasets import geometry, scannet
+from featcache.verify.checks import Report
+from featcache.verify.npz_checks import check_uv_index
 from featcache.config import ParamError, build_dataclass
 from featcache.engine.shards import read_index
 from featcache.engine.types import Failure, Piece
-from featcache.pictures import uv_picture
+from featcache.verify.pictures import uv_picture
 from featcache.reader import open_features
 from featcache.sample import generate_sample
-from featcache.uv_index import (UvIndexJob, UvIndexParams, build_uv_index, index_frame,
+from featcache.stages.build_uv_index import (UvIndexJob, UvIndexParams, build_uv_index, index_frame,
                                  read_frame)
 
 K_COLOR = np.array([[260.0, 0, 159.5], [0, 260.0, 119.5], [0, 0, 1]])

@@ -23,19 +23,19 @@ import pytest
 import yaml
 
 from encoder_fixtures import tiny_spec
-from featcache.clip_grid import ClipGridParams, extract_clip_grid
+from featcache.stages.extract_clip_grid import ClipGridParams, extract_clip_grid
 from featcache.config import ParamError, SharedParams, build_dataclass
-from featcache.dinov2 import Dinov2Params, extract_dinov2
-from featcache.edges import EdgeParams, run_edge_maps
+from featcache.stages.extract_dinov2 import Dinov2Params, extract_dinov2
+from featcache.stages.edge_maps_methodB import EdgeParams, run_edge_maps
 from featcache.encoders import TINY_DINOV2, TINY_OPENCLIP, TINY_SIGLIP
 from featcache.engine import (EngineParams, Piece, WriterOptions, finish_stage, run_job)
 from featcache.engine.shards import INDEX_NAME, SHARDS_DIR, ShardReader, read_index
-from featcache.images import list_images
-from featcache.point_feats import PointFeatsParams, sample_point_feats
+from featcache.datasets.images import list_images
+from featcache.stages.sample_point_feats import PointFeatsParams, sample_point_feats
 from featcache.sample import generate_sample
-from featcache.siglip import SiglipParams, extract_siglip
-from featcache.uv_index import UvIndexParams, build_uv_index
-from featcache.verify import VerificationFailed, VerifyParams, verify
+from featcache.stages.extract_siglip import SiglipParams, extract_siglip
+from featcache.stages.build_uv_index import UvIndexParams, build_uv_index
+from featcache.stages.verify import VerificationFailed, VerifyParams, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = SharedParams(model=TINY_OPENCLIP, weights="random", device="cpu", seed=0)
@@ -309,7 +309,7 @@ def test_an_output_whose_every_item_failed_fails_records(copy: Path) -> None:
 
 
 def test_more_failures_than_the_stage_allows_fail_records(copy: Path) -> None:
-    from featcache.checks.outputs import Expectation
+    from featcache.verify.outputs import Expectation
 
     strict = {"siglip": Expectation("extract_siglip", max_failures=0,
                                     metrics="metrics/extract_siglip.json")}
@@ -352,7 +352,7 @@ def world_params(root: Path, **siglip: Any) -> Path:
 ])
 def test_a_stale_output_fails_naming_the_param(world: Path, copy: Path, change: dict,
                                                key: str) -> None:
-    from featcache.checks.expected import load_expectations
+    from featcache.verify.expected import load_expectations
 
     params = verify_params(copy, copy.parent / "v.json")
     verify(SHARED, params, expected=load_expectations(world_params(world)))  # up to date

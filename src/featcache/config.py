@@ -65,7 +65,7 @@ class ParamError(ValueError):
 
 class StageError(Exception):
     """An expected way for a stage to fail (missing weights, a bad download, too many bad
-    inputs): reported in one line by :func:`featcache.stage.run_stage`, without a traceback."""
+    inputs): reported in one line by :func:`featcache.engine.cli.run_stage`, without a traceback."""
 
 
 def require(condition: bool, key: str, message: str) -> None:

@@ -190,7 +190,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Any]:
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     import pickle
 
-    from featcache.stage import checkpoint_refusal
+    from featcache.engine.cli import checkpoint_refusal
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from featcache.atomic import write_text
+from featcache.engine.atomic import write_text
 from featcache.config import StageError
 from featcache.engine.scratch import SCRATCH_ROOT, drop_unused, tree_bytes
 from featcache.engine.types import EngineParams, RunResult

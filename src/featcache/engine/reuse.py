@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from featcache.atomic import temp_prefix
+from featcache.engine.atomic import temp_prefix
 from featcache.engine.shards import INDEX_NAME, SHARDS_DIR
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featcache.atomic import atomic_path, remove_stale_temps, stale_temps, with_path
+from featcache.engine.atomic import atomic_path, remove_stale_temps, stale_temps, with_path
 from featcache.engine.code import code_identity
 from featcache.engine.distributed import DistContext, init_distributed
 from featcache.engine.reuse import link_or_copy, previous_shards

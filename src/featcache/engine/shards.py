@@ -42,7 +42,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from featcache.atomic import temp_name
+from featcache.engine.atomic import temp_name
 from featcache.engine.types import Failure
 
 FORMAT = "featcache-shard-1"

@@ -32,7 +32,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from featcache.atomic import atomic_path
+from featcache.engine.atomic import atomic_path
 from featcache.engine.shards import SHARDS_DIR, ShardReader, canonical_json, read_index
 from featcache.engine.types import Failure
 from featcache.engine.writers import NpyWriter, NpzWriter, WriterOptions, plan_files

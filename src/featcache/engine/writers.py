@@ -15,7 +15,7 @@ Provenance (a JSON-able dict) goes into HDF5 file attributes or a ``provenance.j
 
 Per-item file names come from keys, which come from data (file stems, ids, scene names). Every
 name the filesystem allows works (unicode, spaces, leading dots, up to 255 bytes: temporary names
-never add to a long one, :mod:`featcache.atomic`); a key that cannot be a file name here raises
+never add to a long one, :mod:`featcache.engine.atomic`); a key that cannot be a file name here raises
 :class:`ItemNameError` for that key alone: a final name over 255 bytes, an empty, absolute or
 ``..`` component, a NUL byte, text that is not valid unicode, a name reserved by the output
 folder (``shards/``, ``index.tsv``, ...) or, in the NPY layout, a tab, newline or other control
@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from featcache.atomic import NAME_MAX, name_bytes, save_npz, write_text
+from featcache.engine.atomic import NAME_MAX, name_bytes, save_npz, write_text
 
 Arrays = Mapping[str, Sequence[np.ndarray] | np.ndarray]
 
@@ -193,7 +193,7 @@ def h5_compression(options: WriterOptions) -> dict[str, Any]:
 
 def write_array(dest: Path, array: np.ndarray) -> None:
     """One ``.npy`` file, atomically (a killed run leaves no half-written array)."""
-    from featcache.atomic import atomic_path
+    from featcache.engine.atomic import atomic_path
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:

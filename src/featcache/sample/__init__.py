@@ -32,8 +32,8 @@ from typing import Any
 from featcache.sample.coco import write_coco
 from featcache.sample.imagefolder import write_image_folder
 from featcache.sample.paint import sub_rng, write_json
-from featcache.sample.sa1b import write_sa1b
-from featcache.sample.scannet import write_scannet
+from featcache.sample.sa1b_images import write_sa1b
+from featcache.sample.scannet_scenes import write_scannet
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""An image folder with every pixel format and oddity :mod:`featcache.images` must handle.
+"""An image folder with every pixel format and oddity :mod:`featcache.datasets.images` must handle.
 
 File stems are unique, so per-image outputs keyed by stem never collide. The returned manifest
 entry describes each file and what a correct decoder yields for it.

@@ -12,7 +12,7 @@
 
 Frame ids ``<i>`` are integers, written plain (``11``, SensReader) or zero-padded (``000011``,
 the 25k-frames release), and are ordered numerically (``2`` before ``10``); a frame's identity is
-its number (:mod:`featcache.frames`). Scene ids come from a list file and must be plain folder
+its number (:mod:`featcache.datasets.frames`). Scene ids come from a list file and must be plain folder
 names of ``scans/`` (:func:`check_scene_name`). Intrinsics are checked against the image they
 are used with (:func:`fit_intrinsics`): the 25k-frames release pairs 640x480 colour with the
 1296x968 calibration.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.frames import frame_number
+from featcache.datasets.frames import frame_number
 
 COLOR_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Largest relative difference of aspect ratios (W/H) for which intrinsics calibrated at one
@@ -78,7 +78,7 @@ def check_scene_name(entry: str) -> str | None:
 
 def list_frame_stems(scene_dir: Path) -> list[str]:
     """Integer frame ids found in any of ``color/``, ``depth/``, ``pose/``, numerically sorted
-    (stems as written: ``"11"`` or ``"000011"``; see :func:`featcache.frames.frame_number`).
+    (stems as written: ``"11"`` or ``"000011"``; see :func:`featcache.datasets.frames.frame_number`).
 
     A frame missing one of its files is still listed (so that it is reported, not ignored).
     """
@@ -258,8 +258,8 @@ def read_depth(path: Path, scale: float = 1000.0) -> np.ndarray:
 
 def read_image_size(path: Path) -> tuple[int, int]:
     """``(W, H)`` of an image in display orientation (EXIF applied, as every stage decodes it:
-    :func:`featcache.images.image_size`), from its header (no decoding)."""
-    from featcache.images import ImageDecodeError, image_size
+    :func:`featcache.datasets.images.image_size`), from its header (no decoding)."""
+    from featcache.datasets.images import ImageDecodeError, image_size
 
     try:
         return image_size(path)

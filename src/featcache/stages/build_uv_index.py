@@ -3,7 +3,7 @@
 For every selected frame of every scene, the scene's point cloud (world coordinates) is moved
 into the camera with the inverse of the frame's camera-to-world pose, kept when
 ``depth_min < z < depth_max``, projected with the colour intrinsics and kept when inside the
-image (see :mod:`featcache.geometry` for the conventions). With ``occlusion_check`` each kept
+image (see :mod:`featcache.datasets.geometry` for the conventions). With ``occlusion_check`` each kept
 point is compared with the frame's depth map (own resolution, own intrinsics, nearest depth
 pixel): ``conf_2d = 1`` when ``|z - depth| <= occlusion_tolerance`` **metres**, 0 when occluded
 or when the depth pixel is 0 (unknown). One record per frame, key ``<scene>/frame_<idx:06d>``:
@@ -11,20 +11,20 @@ or when the depth pixel is 0 (unknown). One record per frame, key ``<scene>/fram
 - ``uv_idx (N,2) float32``: pixel (x right, y down, pixel centres at integers);
 - ``valid (N,) bool``; ``depth (N,) float32`` camera z in metres; ``conf_2d (N,) float32``;
 - ``frame`` (str, the colour file stem), ``image_size (2,) int32`` = (W, H) of the colour frame,
-  ``reproj_err_px`` (float32 scalar, see :func:`featcache.geometry.reprojection_error`);
+  ``reproj_err_px`` (float32 scalar, see :func:`featcache.datasets.geometry.reprojection_error`);
 - ``k_color``, ``k_depth (3,3) float64``: the intrinsics used, ``intrinsics_scaled`` (uint8
   scalar: 1 colour, 2 depth, 3 both were scaled from their calibration size, see
-  :func:`featcache.scannet.fit_intrinsics`);
+  :func:`featcache.datasets.scannet.fit_intrinsics`);
 - ``depth_agreement``, ``depth_in_image`` (float32 scalars): the frame checks below;
 - ``nonfinite_points`` (int32 scalar): cloud vertices with NaN/inf coordinates, stored as not
   valid with ``uv_idx = -1``, ``depth = 0`` (indices stay those of the cloud).
 
 Frame checks (each can fail, unlike the re-projection round trip through the same pose and
 intrinsics): ``depth_agreement`` = of the scene points that land on a known depth pixel, the
-fraction within ``occlusion_tolerance`` of it (:func:`featcache.geometry.depth_agreement`;
+fraction within ``occlusion_tolerance`` of it (:func:`featcache.datasets.geometry.depth_agreement`;
 near 0 for a world-to-camera pose) must reach ``min_depth_agreement``; ``depth_in_image`` =
 the fraction of known depth pixels whose ray lands inside the colour image
-(:func:`featcache.geometry.depth_in_color`; ~1/4 for colour intrinsics of twice the image's
+(:func:`featcache.datasets.geometry.depth_in_color`; ~1/4 for colour intrinsics of twice the image's
 resolution) must reach ``min_depth_in_image``. A frame that fails one is a ``pose_check`` /
 ``intrinsics_check`` row, never a record. Depth maps are therefore required, also with
 ``occlusion_check: false``.
@@ -53,11 +53,11 @@ from typing import Literal
 
 import numpy as np
 
-from featcache import geometry, scannet
+from featcache.datasets import geometry, scannet
 from featcache.config import ParamError, require
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
-from featcache.frames import frame_key as _frame_key
-from featcache.frames import frame_number, parse_frame_key
+from featcache.datasets.frames import frame_key as _frame_key
+from featcache.datasets.frames import frame_number, parse_frame_key
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class UvIndexParams(EngineParams):
 @dataclass(frozen=True)
 class FrameData:
     """One frame's inputs: pose ``(4,4)`` camera-to-world, ``K (3,3)`` colour and depth as
-    fitted to their images (:func:`featcache.scannet.fit_intrinsics`; ``scaled`` bit 1 colour,
+    fitted to their images (:func:`featcache.datasets.scannet.fit_intrinsics`; ``scaled`` bit 1 colour,
     bit 2 depth), colour ``size (W, H)``, ``depth (h,w) float32`` metres (0 = unknown);
     ``notes``: the provenance notes of scaled intrinsics."""
 
@@ -138,7 +138,7 @@ class FrameData:
 
 def frame_key(scene: str, stem: str) -> str:
     """Output key of a frame (``<scene>/frame_<idx:06d>``) from its file stem, plain or
-    zero-padded: :func:`featcache.frames.frame_key` of the stem's number."""
+    zero-padded: :func:`featcache.datasets.frames.frame_key` of the stem's number."""
     number = frame_number(stem)
     if number is None:
         raise ValueError(f"frame stem {stem!r} is not a number")
@@ -149,7 +149,7 @@ def index_frame(points: np.ndarray, frame: FrameData, params: UvIndexParams,
                 ) -> dict[str, np.ndarray]:
     """The uv index of one frame for world points ``(N,3)``: the npz fields (module doc).
 
-    Raises ``pose_check`` / ``intrinsics_check`` (:class:`~featcache.scannet.ScanNetError`)
+    Raises ``pose_check`` / ``intrinsics_check`` (:class:`~featcache.datasets.scannet.ScanNetError`)
     when a frame check fails; non-finite points are stored as not valid, never as NaN.
     """
     finite = np.isfinite(points).all(axis=1)
@@ -203,7 +203,7 @@ def read_frame(scene_dir: Path, stem: str, depth_scale: float,
                principal_point_tolerance: float = 0.05) -> FrameData:
     """Read one frame, with both intrinsics fitted to their images (colour: the colour file's
     display size; depth: the depth map's size; calibration sizes from ``<scene>.txt`` when it
-    has them); raises :class:`~featcache.scannet.ScanNetError` on bad input."""
+    has them); raises :class:`~featcache.datasets.scannet.ScanNetError` on bad input."""
     paths = scannet.frame_paths(scene_dir, stem)
     pose = scannet.read_pose(paths.pose)
     depth = scannet.read_depth(paths.depth, depth_scale)

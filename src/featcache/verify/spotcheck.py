@@ -90,8 +90,8 @@ def recompute(prov: dict[str, Any], folder: Path, keys: list[str], field: str,
 
     from featcache.encoders import Preprocessor, load_encoder, resolve_device
     from featcache.engine import Failure, make_batch
-    from featcache.grids import GridCompute, build_grid_job
-    from featcache.images import list_images
+    from featcache.stages._grids import GridCompute, build_grid_job
+    from featcache.datasets.images import list_images
 
     if not folder.is_dir():
         return {}, [(key, f"image folder not found: {folder}") for key in keys]
@@ -146,10 +146,10 @@ def recompute_segments(prov: dict[str, Any], coco: Path, keys: list[str], device
     """Live float32 embeddings of the segment ``keys`` and ``(key, reason)`` errors."""
     import torch
 
-    from featcache.coco_panoptic import PanopticError, read_panoptic_split, segment_key
+    from featcache.datasets.coco_panoptic import PanopticError, read_panoptic_split, segment_key
     from featcache.encoders import Preprocessor, load_encoder, resolve_device
     from featcache.engine import Piece, make_batch
-    from featcache.siglip import CropSettings, SiglipCompute, SiglipJob
+    from featcache.stages.extract_siglip import CropSettings, SiglipCompute, SiglipJob
 
     spec = spec_from_provenance(prov["preprocessing"])
     try:

@@ -1,7 +1,7 @@
 """The vocabulary of the ``verify`` stage: named checks, the report, and the helpers every
 output's checks use (array shape/dtype/finiteness, failures.tsv, coverage, provenance, the
-dimensions a model implies). One module per output family: :mod:`featcache.checks.grids`,
-:mod:`featcache.checks.siglip`, :mod:`featcache.checks.npz`.
+dimensions a model implies). One module per output family: :mod:`featcache.verify.grid_checks`,
+:mod:`featcache.verify.siglip_checks`, :mod:`featcache.verify.npz_checks`.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def atomic_path(dest: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
 
 def with_path(error: OSError, path: str | Path) -> OSError:
     """``error`` naming ``path`` when it names no file (a failed ``write`` names none): disk
-    full and the like then say where (:func:`featcache.stage.run_stage` prints one line)."""
+    full and the like then say where (:func:`featcache.engine.cli.run_stage` prints one line)."""
     if error.filename is not None or error.errno is None:
         return error
     named = OSError(error.errno, error.strerror or str(error), str(path))

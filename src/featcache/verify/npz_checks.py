@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.checks import (READ_ERRORS, Check, Report, all_failed, check_coverage,
+from featcache.verify.checks import (READ_ERRORS, Check, Report, all_failed, check_coverage,
                               check_provenance, expect_array, model_dims, problems_to,
                               read_failures)
 from featcache.config import SharedParams
@@ -47,7 +47,7 @@ def npz_items(report: Report, kind: str, store: FeatureStore,
 
 def image_coverage(check: Check, store: FeatureStore, images: Path, failed: set[str]) -> None:
     """One ``<stem>`` key or failure row per image file of ``images``."""
-    from featcache.images import list_images
+    from featcache.datasets.images import list_images
 
     check_coverage(check, [(p.stem, (p.name,)) for p in list_images(images)], set(store),
                    failed)
@@ -99,7 +99,7 @@ def check_sam2(report: Report, folder: Path, shared: SharedParams) -> None:
     """extract_sam2: P4/P5 shapes at the recorded input size and dtype, flags, coverage; with
     the npz layout also every ``<stem>_features.npz`` (the shards' arrays, ``IMAGE_EMB_S16``
     a copy of ``P4_S16``)."""
-    from featcache.sam2_features import NPZ_ALIASES, OUTPUT_SUFFIX
+    from featcache.stages.extract_sam2 import NPZ_ALIASES, OUTPUT_SUFFIX
 
     store, failed = open_npz_output(report, "sam2", folder)
     if store is None:
@@ -131,7 +131,7 @@ def check_sam2(report: Report, folder: Path, shared: SharedParams) -> None:
 def check_edges(report: Report, folder: Path) -> None:
     """edge_maps_methodB: one uint8 0/1 map per recorded size, flags, coverage; with the npz
     layout also every ``<stem>_edges.npz`` (the shards' arrays)."""
-    from featcache.edges import EDGE_VERSION, OUTPUT_SUFFIX, edge_key
+    from featcache.stages.edge_maps_methodB import EDGE_VERSION, OUTPUT_SUFFIX, edge_key
 
     store, failed = open_npz_output(report, "edges", folder)
     if store is None:
@@ -172,9 +172,9 @@ def check_uv_index(report: Report, folder: Path, metrics: Path, max_px: float) -
     with the npz layout also every ``<scene>/frame_<idx>.npz`` (the shards' arrays).
     No frame: no error figure (``max_px`` is None) and the re-projection check fails."""
     from featcache.config import build_dataclass
-    from featcache.scannet import principal_point_offset
-    from featcache.uv_index import STAGE as UV_STAGE
-    from featcache.uv_index import UvIndexJob, UvIndexParams
+    from featcache.datasets.scannet import principal_point_offset
+    from featcache.stages.build_uv_index import STAGE as UV_STAGE
+    from featcache.stages.build_uv_index import UvIndexJob, UvIndexParams
 
     store, failed = open_npz_output(report, "uv_index", folder)
     if store is None:

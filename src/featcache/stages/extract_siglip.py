@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from featcache.atomic import write_text
-from featcache.coco_panoptic import (PanopticEntry, PanopticError, PanopticSplit,
+from featcache.engine.atomic import write_text
+from featcache.datasets.coco_panoptic import (PanopticEntry, PanopticError, PanopticSplit,
                                      read_ids_and_image, read_panoptic_split, segment_key)
 from featcache.config import ParamError, SharedParams, require
 from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult

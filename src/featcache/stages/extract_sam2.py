@@ -2,7 +2,7 @@
 
 Input: a flat folder of images (SA-1B style, ``sa_<n>.jpg`` beside ``sa_<n>.json``, or any image
 folder; JSON files are not read, so the stage depends on the images only). Each image is decoded
-by :func:`featcache.images.load_image` (EXIF orientation applied, alpha ignored as PIL's
+by :func:`featcache.datasets.images.load_image` (EXIF orientation applied, alpha ignored as PIL's
 ``convert("RGB")`` does), squashed to the encoder's square input (1024) by SAM2's own transform
 and encoded in batches across images; any size and aspect ratio works.
 
@@ -38,7 +38,7 @@ import numpy as np
 
 from featcache.config import ParamError, SharedParams, require
 from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult
-from featcache.images import ImageDecodeError, find_duplicate_keys, list_images, load_image
+from featcache.datasets.images import ImageDecodeError, find_duplicate_keys, list_images, load_image
 
 if TYPE_CHECKING:
     import torch

@@ -21,9 +21,9 @@ params; their outputs are its dependencies):
 - ``<output>.records``: per output the records written and the items failed (and the stage's
   items and reused, from its metrics); fails an output with no records, a stage with more
   failures than its ``max_failures`` allows, failures from a key mismatch with an upstream
-  output (:mod:`featcache.checks.outputs`).
+  output (:mod:`featcache.verify.outputs`).
 - ``<output>.params``: the provenance agrees with params.yaml (model, weights identity, crop
-  settings, layout, ...); a stale output names the param (:mod:`featcache.checks.expected`).
+  settings, layout, ...); a stale output names the param (:mod:`featcache.verify.expected`).
 - ``siglip.unit_norm`` (``|norm - 1| <= norm_tolerance``), ``siglip.index`` (``inst2feat.tsv``
   rows and embeddings one-to-one), ``sam2.flags`` (``feature_flag == 1``, ``IMAGE_EMB_S16 ==
   P4_S16``), ``edges.binary`` (only 0 and 1), ``edges.flags`` (``edge_flag == 1``,
@@ -31,11 +31,11 @@ params; their outputs are its dependencies):
   the stage metric ``reprojection_max_px`` below ``max_reprojection_px``), ``point_feats.valid``
   (the uv index's points, features zero where not valid).
 - ``<grid output>.spot_check``: ``spot_check`` random items of every grid file recomputed live
-  (:func:`featcache.spotcheck.spot_check`), min cosine >= ``min_cosine``; ``siglip.spot_check``
-  likewise for segment embeddings (:func:`featcache.spotcheck.spot_check_segments`).
+  (:func:`featcache.verify.spotcheck.spot_check`), min cosine >= ``min_cosine``; ``siglip.spot_check``
+  likewise for segment embeddings (:func:`featcache.verify.spotcheck.spot_check_segments`).
 
-The checks of each output family live in :mod:`featcache.checks`; pictures
-(:mod:`featcache.pictures`) go to ``reports/verify/``. Any failed check makes the stage raise
+The checks of each output family live in :mod:`featcache.verify.checks`; pictures
+(:mod:`featcache.verify.pictures`) go to ``reports/verify/``. Any failed check makes the stage raise
 :class:`VerificationFailed` after the report and the pictures are written.
 """
 
@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featcache.checks import Report, problems_to
-from featcache.checks.outputs import Expectation, OutputCount, check_params, check_records
+from featcache.verify.checks import Report, problems_to
+from featcache.verify.outputs import Expectation, OutputCount, check_params, check_records
 from featcache.config import SharedParams, StageError, require
 from featcache.reader import FeatureStore
 
@@ -114,15 +114,15 @@ def verify(shared: SharedParams, params: VerifyParams,
 
     ``expected`` (default: read from ``params.yaml`` in the working directory, when there is
     one) says per output kind what params.yaml says it was made with and its failure budget
-    (:func:`featcache.checks.expected.load_expectations`). Raises :class:`VerificationFailed`
+    (:func:`featcache.verify.expected.load_expectations`). Raises :class:`VerificationFailed`
     (after writing everything) when a check failed. Paths are relative to the working
     directory (the repository root under ``dvc repro``).
     """
-    from featcache.checks.expected import load_expectations
-    from featcache.checks.grids import check_grid_stage
-    from featcache.checks.npz import check_edges, check_point_feats, check_sam2, check_uv_index
-    from featcache.checks.siglip import check_siglip
-    from featcache.pictures import draw_pictures
+    from featcache.verify.expected import load_expectations
+    from featcache.verify.grid_checks import check_grid_stage
+    from featcache.verify.npz_checks import check_edges, check_point_feats, check_sam2, check_uv_index
+    from featcache.verify.siglip_checks import check_siglip
+    from featcache.verify.pictures import draw_pictures
 
     start = time.perf_counter()
     expected = load_expectations() if expected is None else expected
@@ -175,7 +175,7 @@ def run_spot_checks(report: Report, grids: dict[str, list[FeatureStore]], shared
         return
     from featcache.encoders import resolve_device
     from featcache.encoders.registry import load_encoder
-    from featcache.spotcheck import spec_from_provenance, spot_check
+    from featcache.verify.spotcheck import spec_from_provenance, spot_check
 
     device = resolve_device(shared.device)
     encoders: dict[Any, Any] = {}
@@ -210,7 +210,7 @@ def run_segment_spot_check(report: Report, path: Path, shared: SharedParams,
     recomputed live from the COCO split their provenance names (read through the shards)."""
     if params.spot_check == 0 or not (path / "index.h5").is_file():
         return
-    from featcache.spotcheck import spot_check_segments
+    from featcache.verify.spotcheck import spot_check_segments
 
     check = report("siglip.spot_check")
     with problems_to(check, path.name):
@@ -230,7 +230,7 @@ def run_segment_spot_check(report: Report, path: Path, shared: SharedParams,
 def write_summaries(params: VerifyParams, report: Report, counts: list[OutputCount]) -> None:
     """The compact metric (``passed``, ``failed_checks``, ``checks``: what ``dvc exp show``
     compares) and the per-output records table (a DVC plot), both without times."""
-    from featcache.atomic import write_text
+    from featcache.engine.atomic import write_text
 
     if params.metrics:
         doc = {"passed": not report.failed, "failed_checks": len(report.failed),
@@ -243,7 +243,7 @@ def write_summaries(params: VerifyParams, report: Report, counts: list[OutputCou
 
 def write_report(path: Path, report: Report, pictures: list[str]) -> None:
     """``reports/verify.json``: sorted keys, no times, so equal outputs give equal bytes."""
-    from featcache.atomic import write_text
+    from featcache.engine.atomic import write_text
 
     doc = _finite(report.to_json(pictures))
     write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")

@@ -11,7 +11,7 @@ small/base/large/giant), CLS and register tokens excluded, after the final layer
 Layout ``shards`` (default): the sharded folder ``<out>/<split>/``, field ``grids`` per image
 key; ``hdf5`` adds the view file ``<out>/<split>.h5`` with ``{image_id}_grids``; ``npy`` adds
 ``<out>/<split>/<stem>.npy`` plus ``<stem>_mask.npy`` ``(g, g)`` and, with ``save_meta``,
-``<stem>.json``. Keys and alpha handling: :mod:`featcache.grids`.
+``<stem>.json``. Keys and alpha handling: :mod:`featcache.stages._grids`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from featcache.config import SharedParams, require
 from featcache.engine.types import RunResult
-from featcache.grids import GridParams, GridPlan, run_grid_stage
+from featcache.stages._grids import GridParams, GridPlan, run_grid_stage
 
 STAGE = "extract_dinov2"
 PATCH = 14

@@ -12,7 +12,7 @@ at 224, ``(49, 768)`` with ``grid: 7``) and, with ``save_global``, ``global`` ``
 file ``<out>/<split>.h5`` with ``{image_id}_grids`` / ``{image_id}_global`` datasets (virtual:
 views of the shards, no copy). Layout ``npy`` (seed 004) adds ``<out>/<split>/<stem>.npy``
 ``(width, t, t)``, ``<stem>_mask.npy`` ``(t, t)``, ``<stem>_global.npy``, ``<stem>.json`` with
-``save_meta``. Keys, pooling, alpha handling: :mod:`featcache.grids`.
+``save_meta``. Keys, pooling, alpha handling: :mod:`featcache.stages._grids`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from featcache.config import SharedParams, require
 from featcache.engine.types import RunResult
-from featcache.grids import GridParams, GridPlan, check_target_grid, run_grid_stage
+from featcache.stages._grids import GridParams, GridPlan, check_target_grid, run_grid_stage
 
 STAGE = "extract_clip_grid"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featcache.checks import Report, problems_to
+from featcache.verify.checks import Report, problems_to
 from featcache.config import lookup
 from featcache.reader import open_features
 

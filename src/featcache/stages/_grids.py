@@ -20,7 +20,7 @@ Conventions:
   ``g`` (e.g. 7 for ViT-L/14's 16x16) is a :class:`ParamError` before any work: uneven
   adaptive windows would silently mix patches of different sizes.
 - **Alpha.** RGBA/LA/transparent-palette images are composited over ``background`` (straight
-  alpha, ``featcache.images.composite_alpha``) before preprocessing. The ``mask`` field is the
+  alpha, ``featcache.datasets.images.composite_alpha``) before preprocessing. The ``mask`` field is the
   alpha in ``[0, 1]`` averaged over each stored cell: the alpha goes through the model's own
   geometry (``cv2.INTER_AREA`` resize to the resized size, the same centre crop), then the mean
   over each patch, then the same pooling as the features. Opaque images get no mask.
@@ -102,7 +102,7 @@ def image_key(name: str, rule: KeyRule) -> str:
     stem = Path(name).stem
     if rule == "stem":
         return stem
-    from featcache.frames import frame_number
+    from featcache.datasets.frames import frame_number
 
     match = _COCO_NAME.match(stem)
     number = frame_number(match.group(1) if match else stem)
@@ -111,7 +111,7 @@ def image_key(name: str, rule: KeyRule) -> str:
 
 def list_splits(params: GridParams, stage: str) -> dict[str, tuple[Path, list[Path]]]:
     """``{split: (folder, image paths)}``; a missing or empty split is a :class:`ParamError`."""
-    from featcache.images import list_images
+    from featcache.datasets.images import list_images
 
     root = Path(params.root)
     if not root.is_dir():
@@ -236,7 +236,7 @@ class GridJob:
         return file_signature([self.folder / item], extra=self.keys[item])
 
     def load(self, item: str) -> list[Piece | Failure]:
-        from featcache.images import ImageDecodeError, composite_alpha, load_image
+        from featcache.datasets.images import ImageDecodeError, composite_alpha, load_image
 
         if item in self.duplicates:
             return [Failure(item, "duplicate_key", f"key {self.keys[item]!r} is already taken "
@@ -256,7 +256,7 @@ class GridJob:
 def build_grid_job(folder: Path, paths: list[Path], rule: KeyRule, preprocessor: Preprocessor,
                    background: tuple[int, int, int], mask_target: int | None) -> GridJob:
     """The :class:`GridJob` of one listed split folder."""
-    from featcache.images import find_duplicate_keys
+    from featcache.datasets.images import find_duplicate_keys
 
     names = [p.name for p in paths]
     keys = {n: image_key(n, rule) for n in names}
@@ -351,10 +351,10 @@ def run_grid_stage(plan: GridPlan, shared: SharedParams, params: GridParams) -> 
 
 def survey_splits(stage: str, splits: dict[str, tuple[Path, list[Path]]],
                   ) -> dict[str, dict[str, int]]:
-    """Per split: ``image_files`` listed, plus :func:`featcache.images.survey_folder`'s counts
+    """Per split: ``image_files`` listed, plus :func:`featcache.datasets.images.survey_folder`'s counts
     (files that are not images, sub-folders, 16-bit files with a low range), logged when
     non-zero: the metrics' ``inputs`` entry."""
-    from featcache.images import IMAGE_EXTENSIONS, survey_folder
+    from featcache.datasets.images import IMAGE_EXTENSIONS, survey_folder
 
     inputs = {}
     for name, (folder, paths) in splits.items():
@@ -450,7 +450,7 @@ def image_header(path: Path) -> dict[str, Any]:
 def write_meta_files(out: Path, job: GridJob, prov: dict[str, Any]) -> int:
     """``<out>/<stem>.json`` for every written image (the seed's ``--save_meta``): the image,
     its size and mode, the arrays' files and shape, the model and preprocessing."""
-    from featcache.atomic import write_text
+    from featcache.engine.atomic import write_text
 
     spec = prov["preprocessing"]
     common = {k: prov[k] for k in ("model", "weights", "weights_id", "grid", "array_shape",

@@ -1,5 +1,5 @@
 """What params.yaml says each output was made with, for verify's ``<kind>.params`` and
-``<kind>.records`` checks (:class:`~featcache.checks.outputs.Expectation` per output kind).
+``<kind>.records`` checks (:class:`~featcache.verify.outputs.Expectation` per output kind).
 
 Each stage's section is loaded with that stage's own dataclass (so the values are the ones the
 stage would use: data root joined, per-stage weights resolved), then the provenance fields the
@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from featcache.checks.outputs import Expectation
+from featcache.verify.outputs import Expectation
 from featcache.config import PARAMS_FILE, SharedParams, load_stage_params, read_params_file
 
 # verify's output kinds and the stage that makes each
@@ -65,13 +65,13 @@ def made_with(kind: str, stage: str, shared: SharedParams, p: Any) -> dict[str, 
 
 
 def stage_classes() -> dict[str, type]:
-    from featcache.clip_grid import ClipGridParams
-    from featcache.dinov2 import Dinov2Params
-    from featcache.edges import EdgeParams
-    from featcache.point_feats import PointFeatsParams
-    from featcache.sam2_features import Sam2Params
-    from featcache.siglip import SiglipParams
-    from featcache.uv_index import UvIndexParams
+    from featcache.stages.extract_clip_grid import ClipGridParams
+    from featcache.stages.extract_dinov2 import Dinov2Params
+    from featcache.stages.edge_maps_methodB import EdgeParams
+    from featcache.stages.sample_point_feats import PointFeatsParams
+    from featcache.stages.extract_sam2 import Sam2Params
+    from featcache.stages.extract_siglip import SiglipParams
+    from featcache.stages.build_uv_index import UvIndexParams
 
     return {"extract_clip_grid": ClipGridParams, "extract_dinov2": Dinov2Params,
             "extract_siglip": SiglipParams, "extract_sam2": Sam2Params,

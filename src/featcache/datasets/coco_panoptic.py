@@ -288,7 +288,7 @@ def decode_panoptic_png(path: str | Path) -> np.ndarray:
     Raises :class:`PanopticError`: ``missing_png`` if the file does not exist, ``bad_png`` if
     it is truncated/corrupt or not an RGB-coloured image (grey or 16-bit PNGs carry no ids).
     """
-    from featcache.images import ImageDecodeError, load_image
+    from featcache.datasets.images import ImageDecodeError, load_image
 
     path = Path(path)
     if not path.is_file():
@@ -307,13 +307,13 @@ def read_ids_and_image(split: PanopticSplit, image: PanopticImage,
                        ) -> tuple[np.ndarray, np.ndarray]:
     """An image's segment ids ``int64 (H, W)`` and pixels ``uint8 (H, W, 3)``, pixel-aligned.
 
-    The image is decoded by :func:`featcache.images.load_image` (EXIF orientation applied,
+    The image is decoded by :func:`featcache.datasets.images.load_image` (EXIF orientation applied,
     grayscale and CMYK converted to RGB, alpha ignored). Raises :class:`PanopticError`:
     ``missing_png``/``bad_png`` (see :func:`decode_panoptic_png`), ``bad_image`` (missing or
     undecodable image), ``size_mismatch`` (PNG and image differ in size: masks would be
     misaligned, e.g. an EXIF rotation the PNG does not have).
     """
-    from featcache.images import ImageDecodeError, load_image
+    from featcache.datasets.images import ImageDecodeError, load_image
 
     ids = decode_panoptic_png(split.png_dir / image.png_file)
     try:

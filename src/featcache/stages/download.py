@@ -13,8 +13,8 @@ other stages only need their ``data/raw/sample`` prefix changed:
   copied - its licence forbids redistribution, so there is nothing to download.
 
 ``weights`` fetches model files (from :data:`SOURCES` or ``sources``) into ``weights_dir``.
-Transfers are done by :func:`featcache.archives.fetch` (resumable, checksum-verified, atomic)
-and unpacked by :func:`featcache.archives.extract` (refuses members escaping the target).
+Transfers are done by :func:`featcache.datasets.archives.fetch` (resumable, checksum-verified, atomic)
+and unpacked by :func:`featcache.datasets.archives.extract` (refuses members escaping the target).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from featcache.archives import extract, fetch
+from featcache.datasets.archives import extract, fetch
 from featcache.config import SharedParams, require
 from featcache.sample import generate_sample
-from featcache.sample.scannet import SCENE_LIST
+from featcache.sample.scannet_scenes import SCENE_LIST
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """sample_point_feats: CLIP grid features sampled at each point's pixel in each frame.
 
-For every frame of the uv index (:mod:`featcache.uv_index`, read with ``open_features`` in any
+For every frame of the uv index (:mod:`featcache.stages.build_uv_index`, read with ``open_features`` in any
 of its layouts), the frame's CLIP grid from extract_clip_grid (the split of the scene,
 ``<clip_grid>/<scene>/``, key = the frame's image id, field ``grids``; or, failing that folder,
 a ``<clip_grid>/<scene>.h5`` with datasets ``{key}_grids``) becomes a map ``(width, g, g)``
@@ -41,7 +41,7 @@ import numpy as np
 from featcache.config import ParamError, require
 from featcache.engine.shards import INDEX_NAME, SHARDS_DIR, ShardReader, read_index
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
-from featcache.frames import frame_number, parse_frame_key
+from featcache.datasets.frames import frame_number, parse_frame_key
 from featcache.reader import FeatureStore, open_features
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def grid_source(clip_grid: Path, scene: str) -> Path | None:
 
 def frame_index(item: str) -> tuple[str, int]:
     """``(scene, frame index)`` of a uv-index key ``<scene>/frame_<idx>``
-    (:func:`featcache.frames.parse_frame_key`); ``ValueError`` for another key."""
+    (:func:`featcache.datasets.frames.parse_frame_key`); ``ValueError`` for another key."""
     parsed = parse_frame_key(item)
     if parsed is None:
         raise ValueError(f"{item!r} is not a uv-index frame key <scene>/frame_<idx>")
@@ -216,7 +216,7 @@ def _record_identities(folder: str, stamp: tuple[int, int, int]) -> dict[str, st
 def grid_records(source: Path) -> dict[int, tuple[str, str]]:
     """``frame index -> (grid key, record identity)`` of one scene's grids. Keys are the
     frames' image ids (``"3"``; or the stem, e.g. ``"000003"``, with the npy layout's stem
-    rule): any all-digit key is the frame of that number (:func:`featcache.frames.frame_number`,
+    rule): any all-digit key is the frame of that number (:func:`featcache.datasets.frames.frame_number`,
     the rule that also keys the uv index and the grid stages' image ids, so ``000011.jpg`` and
     ``11.jpg`` both meet frame 11). For a lone ``.h5`` file (no
     sharded folder to take identities from) the identity is the file's content digest."""
@@ -268,7 +268,7 @@ def open_store(path: Path, field: str | None = None) -> FeatureStore:
 
 def grid_tokens(grid: np.ndarray) -> np.ndarray:
     """A stored grid as ``(g*g, width)`` row-major tokens: the ``tokens`` array layout as is,
-    the ``chw`` layout ``(width, g, g)`` transposed (see :mod:`featcache.grids`)."""
+    the ``chw`` layout ``(width, g, g)`` transposed (see :mod:`featcache.stages._grids`)."""
     if grid.ndim == 2:
         return grid
     if grid.ndim == 3:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.images import list_images
+from featcache.datasets.images import list_images
 
 log = logging.getLogger(__name__)
 

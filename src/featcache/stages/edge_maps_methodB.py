@@ -26,8 +26,8 @@ import numpy as np
 
 from featcache.config import ParamError, require
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
-from featcache.images import find_duplicate_keys
-from featcache.sa1b import (Sa1bError, iter_instance_masks, json_path_for,
+from featcache.datasets.images import find_duplicate_keys
+from featcache.datasets.sa1b import (Sa1bError, iter_instance_masks, json_path_for,
                             list_sa1b_images, read_image_size, read_sa1b_json)
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.checks import (Check, Report, all_failed, check_coverage, check_provenance,
+from featcache.verify.checks import (Check, Report, all_failed, check_coverage, check_provenance,
                               expect_array, model_dims, problems_to, read_failures)
 from featcache.config import SharedParams
 from featcache.reader import FeatureStore, open_features
@@ -15,7 +15,7 @@ from featcache.reader import FeatureStore, open_features
 
 def check_siglip(report: Report, folder: Path, shared: SharedParams, tolerance: float) -> None:
     """Shapes, unit norms, ``inst2feat.tsv`` and coverage of extract_siglip's output."""
-    from featcache.siglip import H5_NAME
+    from featcache.stages.extract_siglip import H5_NAME
 
     readable = report("siglip.readable")
     path = folder / H5_NAME if (folder / H5_NAME).is_file() else folder
@@ -75,7 +75,7 @@ def read_embeddings(store: FeatureStore, report: Report) -> tuple[list[str], np.
 
 def check_index(check: Check, folder: Path, keys: list[str], layout: str) -> None:
     """``inst2feat.tsv``: the header, one row per embedding, each pointing at its embedding."""
-    from featcache.siglip import H5_NAME, INDEX_HEADER, INDEX_NAME
+    from featcache.stages.extract_siglip import H5_NAME, INDEX_HEADER, INDEX_NAME
 
     lines = (folder / INDEX_NAME).read_text(encoding="utf-8").splitlines()
     check.expect(bool(lines) and lines[0] == INDEX_HEADER,
@@ -108,7 +108,7 @@ def check_siglip_coverage(check: Check, prov: dict[str, Any], present: set[str],
                           failed: set[str]) -> None:
     """Every segment of the panoptic JSON recorded in the provenance has an embedding or a
     failures row (its own, or its image's); bad JSON entries have their rows."""
-    from featcache.coco_panoptic import PanopticError, read_panoptic_split, segment_key
+    from featcache.datasets.coco_panoptic import PanopticError, read_panoptic_split, segment_key
 
     try:
         split = read_panoptic_split(prov["coco"], prov["split"])
