@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.reader import open_features
+
 FEATURES_SUFFIX = "_features"
 EDGES_SUFFIX = "_edges"
 
@@ -56,7 +58,6 @@ def _read_item(folder: str | Path, stem: str, path: Path) -> dict[str, np.ndarra
     """One image's arrays from a sharded folder (through the reader), else from its NPZ."""
     if not _is_sharded(folder):
         return read_npz(path)
-    from featcache.reader import open_features
 
     store = open_features(folder, field=None)
     if stem not in store:
@@ -89,7 +90,6 @@ def list_merged_stems(features_dir: str | Path, edges_dir: str | Path) -> list[s
     can load); an image that failed in either stage is left out."""
     def stems(folder: str | Path, suffix: str) -> set[str]:
         if _is_sharded(folder):
-            from featcache.reader import open_features
 
             return set(open_features(folder, field=None))
         tail = f"{suffix}.npz"

@@ -44,8 +44,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
+
+from featcache.engine.shards import SHARDS_DIR, ShardReader, read_index
 
 _HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 KNOWN_NPZ_SUFFIXES = ("_features", "_edges")  # extract_sam2, edge_maps_methodB
@@ -93,7 +96,6 @@ class FeatureStore(Mapping):
     # --- handles -------------------------------------------------------------------------
     def _shard(self, index: int) -> Any:
         """This process's reader of shard ``index`` (reopened after a fork)."""
-        from featcache.engine.shards import SHARDS_DIR, ShardReader
 
         if self._pid != os.getpid():
             self._stale.append(self._shards)  # the parent's handles: never closed here
@@ -104,7 +106,6 @@ class FeatureStore(Mapping):
 
     def _h5(self) -> Any:
         """This process's read-only h5py handle (reopened after a fork)."""
-        import h5py
 
         if self._file is None or self._pid != os.getpid():
             if self._file is not None:
@@ -165,7 +166,6 @@ class FeatureStore(Mapping):
         if self.layout == "npy":
             return list(dict.fromkeys(row[1] for row in _read_index(self.path)))
         if self.layout == "shards":
-            from featcache.engine.shards import SHARDS_DIR, ShardReader
 
             names = json.loads(_h5_attr(self.path / "index.h5", "shards") or "[]")
             if not names:
@@ -175,7 +175,6 @@ class FeatureStore(Mapping):
         return []
 
     def _packed_is_float(self, name: str) -> bool:
-        import h5py
 
         with h5py.File(self.path, "r") as f:
             return np.issubdtype(f[name].dtype, np.floating)
@@ -190,7 +189,6 @@ class FeatureStore(Mapping):
         if self.layout == "npy":
             return {k: self.path / f for k, fld, f in _read_index(self.path) if fld == self.field}
         if self.layout == "shards":
-            from featcache.engine.shards import SHARDS_DIR, ShardReader, read_index
 
             keys, shard, row, self._shard_files, _ = read_index(self.path)
             index = {k: (int(s), int(r)) for k, s, r in zip(keys, shard, row)}
@@ -267,7 +265,6 @@ def detect_layout(path: Path) -> str:
 
 
 def _h5_attr(path: Path, name: str) -> str | None:
-    import h5py
 
     with h5py.File(path, "r") as f:
         value = f.attrs.get(name)
@@ -275,14 +272,12 @@ def _h5_attr(path: Path, name: str) -> str | None:
 
 
 def _h5_names(path: Path) -> list[str]:
-    import h5py
 
     with h5py.File(path, "r") as f:
         return list(f.keys())
 
 
 def _packed_rows(path: Path, field: str) -> dict[str, int]:
-    import h5py
 
     with h5py.File(path, "r") as f:
         if field not in f:

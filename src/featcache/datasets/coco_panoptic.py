@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from featcache.datasets.images import ImageDecodeError, load_image
+
 # PIL modes whose pixels are the id colours themselves (grey or 16-bit PNGs are not panoptic).
 _ID_COLOUR_MODES = ("RGB", "RGBA", "P", "PA")
 
@@ -288,7 +290,6 @@ def decode_panoptic_png(path: str | Path) -> np.ndarray:
     Raises :class:`PanopticError`: ``missing_png`` if the file does not exist, ``bad_png`` if
     it is truncated/corrupt or not an RGB-coloured image (grey or 16-bit PNGs carry no ids).
     """
-    from featcache.datasets.images import ImageDecodeError, load_image
 
     path = Path(path)
     if not path.is_file():
@@ -313,7 +314,6 @@ def read_ids_and_image(split: PanopticSplit, image: PanopticImage,
     undecodable image), ``size_mismatch`` (PNG and image differ in size: masks would be
     misaligned, e.g. an EXIF rotation the PNG does not have).
     """
-    from featcache.datasets.images import ImageDecodeError, load_image
 
     ids = decode_panoptic_png(split.png_dir / image.png_file)
     try:

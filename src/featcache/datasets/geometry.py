@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # only this batched form needs torch; verify and the uv index use numpy
 
 #: uv value written for points behind the camera (z <= 0), where the projection is undefined.
 UV_BEHIND = -1.0

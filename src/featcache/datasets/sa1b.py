@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
 
 from featcache.datasets.images import list_images
 
@@ -97,7 +99,6 @@ def read_image_size(path: Path) -> tuple[int, int]:
 
     Reads the header only. Raises :class:`Sa1bError` (``bad_image``) if it cannot be opened.
     """
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
@@ -127,7 +128,6 @@ def decode_rle(segmentation: Any, height: int, width: int) -> np.ndarray:
     the RLE is malformed or its runs do not cover exactly ``h*w`` pixels. The array's memory is
     Fortran-ordered (``np.ascontiguousarray`` it for code that needs C order).
     """
-    from pycocotools import mask as mask_utils
 
     if not isinstance(segmentation, dict) or "counts" not in segmentation:
         raise Sa1bError("bad_rle", "segmentation must be an RLE mapping with size and counts")

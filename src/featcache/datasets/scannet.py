@@ -25,9 +25,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from featcache.datasets.frames import frame_number
+from featcache.datasets.images import ImageDecodeError, image_size
 
 COLOR_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Largest relative difference of aspect ratios (W/H) for which intrinsics calibrated at one
@@ -246,7 +248,6 @@ def _count_numbers(path: Path) -> int:
 
 def read_depth(path: Path, scale: float = 1000.0) -> np.ndarray:
     """Depth map ``(h,w)`` float32 metres from a 16-bit PNG (value / ``scale``); 0 = unknown."""
-    import cv2
 
     raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if raw is None or raw.ndim != 2:
@@ -259,7 +260,6 @@ def read_depth(path: Path, scale: float = 1000.0) -> np.ndarray:
 def read_image_size(path: Path) -> tuple[int, int]:
     """``(W, H)`` of an image in display orientation (EXIF applied, as every stage decodes it:
     :func:`featcache.datasets.images.image_size`), from its header (no decoding)."""
-    from featcache.datasets.images import ImageDecodeError, image_size
 
     try:
         return image_size(path)

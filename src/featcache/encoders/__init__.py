@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from featcache.config import ParamError
 
 if TYPE_CHECKING:
-    import torch
+    import torch  # deferred: params checks import featcache.encoders without loading torch
 
     from featcache.encoders.base import Encoder, EncoderOutput, EncoderSpec
     from featcache.encoders.preprocess import Preprocessor, ResizeGeometry

@@ -14,6 +14,9 @@ works (the model interpolates its 37x37 position embeddings, made for 518).
 Architectures are hard-coded (no hub access for ``weights: random``):
 ``facebook/dinov2-{small,base,large,giant}``, the ``facebook/dinov2-with-registers-*`` variants
 (4 registers), and ``featcache/dinov2-tiny`` (2 blocks, hidden 32) for tests.
+
+transformers is imported inside the functions that need it: a stage of another family never
+loads it (each family's library is needed on that family's path only).
 """
 
 from __future__ import annotations
@@ -27,8 +30,15 @@ import torch
 
 from featcache.config import ParamError
 from featcache.encoders import weights as W
-from featcache.encoders.base import (IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderOutput,
-                                     EncoderSpec, finish_module, tokens_to_grid)
+from featcache.encoders.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Encoder,
+    EncoderOutput,
+    EncoderSpec,
+    finish_module,
+    tokens_to_grid,
+)
 
 log = logging.getLogger(__name__)
 

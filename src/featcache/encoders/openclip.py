@@ -20,6 +20,9 @@ Tiny models for tests (random weights, no network), registered on first use:
 ``featcache-tiny-vit`` (open_clip ViT, 2 blocks, width 64, patch 16, 224 -> 14x14 grid, pooled
 32) and ``featcache-tiny-siglip`` (timm ``test_vit3``: no CLS, 1 register token, attention-pool
 head, width 96, patch 16, 160 -> 10x10 grid, pooled 96, SigLIP preprocessing).
+
+open_clip is imported inside the functions that need it: a stage of another family never
+loads it (each family's library is needed on that family's path only).
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ left as sam2 expects it.)
 
 Preprocessing is ``SAM2Transforms``': squash to ``size x size`` (1024 by default, any multiple of
 32) with a bilinear antialiased tensor resize, ImageNet mean/std.
+
+hydra and omegaconf (the sam2 package's config machinery) are imported where the encoder is
+built: a stage of another family never loads them.
 """
 
 from __future__ import annotations
@@ -27,14 +30,21 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+from importlib import resources
 from pathlib import Path
 
 import torch
 
 from featcache.config import ParamError
 from featcache.encoders import weights as W
-from featcache.encoders.base import (IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderOutput,
-                                     EncoderSpec, finish_module)
+from featcache.encoders.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Encoder,
+    EncoderOutput,
+    EncoderSpec,
+    finish_module,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +68,6 @@ def hf_repo(config: str) -> str:
 
 def config_path(config: str) -> Path:
     """The YAML shipped in the sam2 package for ``config``."""
-    from importlib import resources
 
     version = re.match(r"sam2(\.1)?", config).group(0)
     return Path(str(resources.files("sam2") / "configs" / version / f"{config}.yaml"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import random
 import warnings
 import zipfile
@@ -30,7 +31,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from featcache.config import StageError
+import numpy as np
+
+from featcache.config import ParamError, StageError
+from featcache.engine.cli import checkpoint_refusal
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ def hf_cache_dir() -> str | None:
 
 def hf_cached_file(repo_id: str, filename: str) -> Path | None:
     """A file of an HF repo if it is already in the local hub cache (no network)."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # deferred: it reads HF_HUB_OFFLINE at import
 
     found = try_to_load_from_cache(repo_id, filename, cache_dir=hf_cache_dir())
     return Path(found) if isinstance(found, str) and Path(found).is_file() else None
@@ -94,7 +98,7 @@ def hf_cached_file(repo_id: str, filename: str) -> Path | None:
 
 def hf_download(repo_id: str, filename: str) -> Path:
     """Download one file of an HF repo into the hub cache (network; tests replace this)."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # deferred: it reads HF_HUB_OFFLINE at import
 
     return Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=hf_cache_dir()))
 
@@ -160,8 +164,7 @@ def sha256_path(path: str | Path) -> str:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch so a random initialisation is reproducible."""
-    import numpy as np
-    import torch
+    import torch  # deferred: resolving a weights name needs no torch
 
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -182,15 +185,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, Any]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    import torch
+    import torch  # deferred: resolving a weights name needs no torch
 
     if is_torchscript_archive(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-    import pickle
 
-    from featcache.engine.cli import checkpoint_refusal
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -214,7 +215,6 @@ def resolve_stage_spec(resolve: Callable[..., Any], name: str, *, stage: str, we
     the model stage ``stage``, with a ``weights`` error renamed to the key the value came
     from (``<stage>.weights``, or the top-level ``weights`` default): a tag or checkpoint that
     does not fit this stage's model family is refused, never applied."""
-    from featcache.config import ParamError
 
     try:
         return resolve(name, weights=weights, seed=seed, **options)

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from featcache.engine.atomic import write_text
 from featcache.config import StageError
+from featcache.engine.atomic import write_text
+from featcache.engine.distributed import init_distributed, shutdown_distributed
 from featcache.engine.scratch import SCRATCH_ROOT, drop_unused, tree_bytes
 from featcache.engine.types import EngineParams, RunResult
 
@@ -150,7 +151,6 @@ def finish_stage(stage: str, out_dir: str | Path, results: Sequence[RunResult],
     uses, write the metrics (``params.metrics``; ``scratch_bytes``, the whole scratch area's
     size after that, goes with the timing figures), then enforce ``params.max_failures``.
     Only rank 0 writes (under torchrun every rank calls this)."""
-    from featcache.engine.distributed import init_distributed, shutdown_distributed
 
     ctx = init_distributed()
     if not all(r.finalized for r in results):

@@ -42,9 +42,18 @@ from featcache.engine.code import code_identity
 from featcache.engine.distributed import DistContext, init_distributed
 from featcache.engine.reuse import link_or_copy, previous_shards
 from featcache.engine.scratch import SCRATCH_ROOT, fingerprint_of, safe_name
-from featcache.engine.shards import (SHARDS_DIR, ShardContent, ShardReader, member_identity,
-                                     plan_shards, shard_identity, shard_name, target_items,
-                                     write_index, write_shard)
+from featcache.engine.shards import (
+    SHARDS_DIR,
+    ShardContent,
+    ShardReader,
+    member_identity,
+    plan_shards,
+    shard_identity,
+    shard_name,
+    target_items,
+    write_index,
+    write_shard,
+)
 from featcache.engine.types import Batch, EngineParams, Failure, Job, Piece, RunResult
 from featcache.engine.views import get_view
 from featcache.engine.writers import WriterOptions, cast, h5_compression

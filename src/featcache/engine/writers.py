@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from featcache.engine.atomic import NAME_MAX, name_bytes, save_npz, write_text
+from featcache.engine.atomic import NAME_MAX, atomic_path, name_bytes, save_npz, write_text
 
 Arrays = Mapping[str, Sequence[np.ndarray] | np.ndarray]
 
@@ -193,7 +193,6 @@ def h5_compression(options: WriterOptions) -> dict[str, Any]:
 
 def write_array(dest: Path, array: np.ndarray) -> None:
     """One ``.npy`` file, atomically (a killed run leaves no half-written array)."""
-    from featcache.engine.atomic import atomic_path
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:

@@ -21,8 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from featcache.sample.paint import (bbox_xywh, ellipse_mask, random_shape, rect_mask,
-                                    save_jpeg, save_png, shade_regions, write_json)
+from featcache.sample.paint import (
+    bbox_xywh,
+    ellipse_mask,
+    random_shape,
+    rect_mask,
+    save_jpeg,
+    save_png,
+    shade_regions,
+    write_json,
+)
 
 SPLIT = "val2017"
 

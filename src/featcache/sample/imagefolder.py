@@ -13,8 +13,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from featcache.sample.paint import (ellipse_mask, random_shape, save_jpeg, save_png,
-                                    shade_regions, smooth_field)
+from featcache.sample.paint import (
+    ellipse_mask,
+    random_shape,
+    save_jpeg,
+    save_png,
+    shade_regions,
+    smooth_field,
+)
 
 CORRUPT = "corrupt_truncated.jpg"
 EXIF_ROTATED = "exif_rotated.jpg"

@@ -18,9 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
-from featcache.sample.paint import (bbox_xywh, ellipse_mask, random_shape, save_jpeg,
-                                    shade_regions, write_json)
+from featcache.sample.paint import (
+    bbox_xywh,
+    ellipse_mask,
+    random_shape,
+    save_jpeg,
+    shade_regions,
+    write_json,
+)
 
 
 def write_sa1b(root: Path, rng: np.random.Generator) -> dict[str, Any]:
@@ -70,7 +77,6 @@ def _render(rng: np.random.Generator, h: int, w: int, masks: list[np.ndarray]) -
 
 
 def _annotation(rng: np.random.Generator, ann_id: int, mask: np.ndarray) -> dict[str, Any]:
-    from pycocotools import mask as mask_utils
 
     h, w = mask.shape
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))

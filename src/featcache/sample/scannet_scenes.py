@@ -24,8 +24,14 @@ from typing import Any
 import numpy as np
 
 from featcache.sample.paint import save_jpeg, save_png
-from featcache.sample.render import (Room, cast, pixel_rays, sample_surface_points, shade,
-                                     surface_albedo)
+from featcache.sample.render import (
+    Room,
+    cast,
+    pixel_rays,
+    sample_surface_points,
+    shade,
+    surface_albedo,
+)
 
 SCENES = ("scene0000_00", "scene0001_00")
 SCENE_LIST = "scannetv2_sample.txt"

@@ -36,9 +36,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from featcache.config import ParamError, SharedParams, require
+from featcache.datasets.frames import frame_number
+from featcache.datasets.images import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    composite_alpha,
+    find_duplicate_keys,
+    list_images,
+    load_image,
+    survey_folder,
+)
+from featcache.encoders import Preprocessor, load_encoder, resolve_device
+from featcache.encoders.preprocess import BOX_RESIZE_FACTOR, model_input
+from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
+from featcache.engine.atomic import write_text
+from featcache.engine.distributed import init_distributed, rank_device
+from featcache.engine.inference import autocast_for, resolve_precision, to_storage
 from featcache.engine.types import Failure, ModelParams, Piece, Precision, RunResult
 
 if TYPE_CHECKING:
@@ -102,7 +122,6 @@ def image_key(name: str, rule: KeyRule) -> str:
     stem = Path(name).stem
     if rule == "stem":
         return stem
-    from featcache.datasets.frames import frame_number
 
     match = _COCO_NAME.match(stem)
     number = frame_number(match.group(1) if match else stem)
@@ -111,7 +130,6 @@ def image_key(name: str, rule: KeyRule) -> str:
 
 def list_splits(params: GridParams, stage: str) -> dict[str, tuple[Path, list[Path]]]:
     """``{split: (folder, image paths)}``; a missing or empty split is a :class:`ParamError`."""
-    from featcache.datasets.images import list_images
 
     root = Path(params.root)
     if not root.is_dir():
@@ -146,7 +164,6 @@ def pool_grid(grid: torch.Tensor, target: int) -> torch.Tensor:
 
     ``target`` 0 or ``g`` returns ``grid`` unchanged; ``ValueError`` if it does not divide ``g``.
     """
-    import torch.nn.functional as F
 
     g = grid.shape[-1]
     if target in (0, g):
@@ -167,9 +184,7 @@ def alpha_grid(alpha: np.ndarray | None, shape: tuple[int, int], pre: Preprocess
                target: int) -> np.ndarray:
     """Alpha of an ``shape = (H, W)`` image averaged over each stored cell: ``(t, t)`` float32
     in ``[0, 1]``; all ones when ``alpha`` is None (see the module docstring)."""
-    import cv2
 
-    from featcache.encoders.preprocess import BOX_RESIZE_FACTOR
 
     spec = pre.spec
     (in_h, in_w), p = spec.input_size, spec.patch_size
@@ -194,7 +209,6 @@ def _alpha_window(alpha: np.ndarray, geo: Any, in_h: int, in_w: int) -> np.ndarr
     it (as the preprocessing does above ``BOX_RESIZE_FACTOR``: a 1 x W strip would otherwise be
     resized to 224 x 224W floats). The window is placed to the nearest resized pixel, so cells
     differ from the full resize by a sub-pixel shift (under 0.05 on noise, tested)."""
-    import cv2
 
     h, w = alpha.shape
     x0, y0 = geo.offset_x / geo.scale_x, geo.offset_y / geo.scale_y
@@ -231,12 +245,10 @@ class GridJob:
         return list(self.names)
 
     def signature(self, item: str) -> str:
-        from featcache.engine import file_signature
 
         return file_signature([self.folder / item], extra=self.keys[item])
 
     def load(self, item: str) -> list[Piece | Failure]:
-        from featcache.datasets.images import ImageDecodeError, composite_alpha, load_image
 
         if item in self.duplicates:
             return [Failure(item, "duplicate_key", f"key {self.keys[item]!r} is already taken "
@@ -256,7 +268,6 @@ class GridJob:
 def build_grid_job(folder: Path, paths: list[Path], rule: KeyRule, preprocessor: Preprocessor,
                    background: tuple[int, int, int], mask_target: int | None) -> GridJob:
     """The :class:`GridJob` of one listed split folder."""
-    from featcache.datasets.images import find_duplicate_keys
 
     names = [p.name for p in paths]
     keys = {n: image_key(n, rule) for n in names}
@@ -283,8 +294,6 @@ class GridCompute:
     dtype: str | None = None
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
-        from featcache.encoders.preprocess import model_input
-        from featcache.engine.inference import autocast_for, to_storage
 
         x = model_input(batch.inputs, self.encoder.spec, self.device)
         with autocast_for(self.device, self.precision):
@@ -302,7 +311,6 @@ class GridCompute:
     def item_bytes(self, dtype: str) -> int:
         """Bytes one image stores (grid, pooled embedding), from one forward of a blank
         input: the shard size depends on the model, never on the data."""
-        import torch
 
         h, w = self.encoder.spec.input_size
         blank = torch.zeros(1, 3, h, w, device=self.device)
@@ -333,9 +341,6 @@ def run_grid_stage(plan: GridPlan, shared: SharedParams, params: GridParams) -> 
     Raises :class:`ParamError` for a missing/empty split before loading the model, and
     ``TooManyFailures`` (after writing everything) when failures exceed ``max_failures``.
     """
-    from featcache.encoders import load_encoder, resolve_device
-    from featcache.engine import finish_stage
-    from featcache.engine.distributed import init_distributed, rank_device
 
     splits = list_splits(params, plan.stage)
     inputs = survey_splits(plan.stage, splits)
@@ -354,7 +359,6 @@ def survey_splits(stage: str, splits: dict[str, tuple[Path, list[Path]]],
     """Per split: ``image_files`` listed, plus :func:`featcache.datasets.images.survey_folder`'s counts
     (files that are not images, sub-folders, 16-bit files with a low range), logged when
     non-zero: the metrics' ``inputs`` entry."""
-    from featcache.datasets.images import IMAGE_EXTENSIONS, survey_folder
 
     inputs = {}
     for name, (folder, paths) in splits.items():
@@ -375,9 +379,6 @@ def survey_splits(stage: str, splits: dict[str, tuple[Path, list[Path]]],
 def run_split(plan: GridPlan, params: GridParams, split: str, folder: Path, paths: list[Path],
               compute: GridCompute) -> RunResult:
     """Run the engine on one split folder and write its output (see :func:`run_grid_stage`)."""
-    from featcache.encoders import Preprocessor
-    from featcache.engine import WriterOptions, run_job
-    from featcache.engine.distributed import init_distributed
 
     npy = params.layout == "npy"
     rule: KeyRule = "stem" if npy else "image_id"
@@ -430,14 +431,12 @@ HOST_PATH = ("workers: decode, resize, crop -> uint8; device: /255, normalise, f
 
 def _compute_precision(encoder: Encoder, precision: Precision) -> str:
     """The precision ``auto`` resolves to on the encoder's device (bf16 where supported)."""
-    from featcache.engine.inference import resolve_precision
 
     return resolve_precision(next(encoder.parameters()).device, precision)
 
 
 def image_header(path: Path) -> dict[str, Any]:
     """Display size, PIL mode and transparency of an image file, read from its header only."""
-    from PIL import Image
 
     with Image.open(path) as img:
         width, height = img.size
@@ -450,7 +449,6 @@ def image_header(path: Path) -> dict[str, Any]:
 def write_meta_files(out: Path, job: GridJob, prov: dict[str, Any]) -> int:
     """``<out>/<stem>.json`` for every written image (the seed's ``--save_meta``): the image,
     its size and mode, the arrays' files and shape, the model and preprocessing."""
-    from featcache.engine.atomic import write_text
 
     spec = prov["preprocessing"]
     common = {k: prov[k] for k in ("model", "weights", "weights_id", "grid", "array_shape",

@@ -53,11 +53,13 @@ from typing import Literal
 
 import numpy as np
 
-from featcache.datasets import geometry, scannet
 from featcache.config import ParamError, require
-from featcache.engine.types import EngineParams, Failure, Piece, RunResult
+from featcache.datasets import geometry, scannet
 from featcache.datasets.frames import frame_key as _frame_key
 from featcache.datasets.frames import frame_number, parse_frame_key
+from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
+from featcache.engine.types import EngineParams, Failure, Piece, RunResult
+from featcache.reader import open_features
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +329,6 @@ class UvIndexJob:
         frame's colour, depth and pose, both intrinsics, the scene meta and the scene's point
         cloud (a file that is missing signs as missing, so its appearance changes the
         signature)."""
-        from featcache.engine import file_signature
 
         parsed = self._parse(item)
         if isinstance(parsed, str):
@@ -378,7 +379,6 @@ class UvIndexJob:
 def summarise(out: Path) -> dict[str, float]:
     """Metrics over a written uv index (any layout): frames, worst re-projection error,
     visibility fractions."""
-    from featcache.reader import open_features
 
     names = ("reproj_err_px", "valid", "conf_2d", "depth_agreement", "depth_in_image",
              "intrinsics_scaled", "nonfinite_points")
@@ -437,7 +437,6 @@ def build_uv_index(params: UvIndexParams) -> RunResult:
 
     Raises ``TooManyFailures`` (after writing) when more than ``max_failures`` frames failed.
     """
-    from featcache.engine import WriterOptions, finish_stage, run_job
 
     check_inputs(params)
     job = UvIndexJob(params)

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from featcache.datasets.archives import extract, fetch
 from featcache.config import SharedParams, require
+from featcache.datasets.archives import extract, fetch
 from featcache.sample import generate_sample
 from featcache.sample.scannet_scenes import SCENE_LIST
 

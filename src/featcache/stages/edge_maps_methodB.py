@@ -22,13 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import cv2
 import numpy as np
 
 from featcache.config import ParamError, require
-from featcache.engine.types import EngineParams, Failure, Piece, RunResult
 from featcache.datasets.images import find_duplicate_keys
-from featcache.datasets.sa1b import (Sa1bError, iter_instance_masks, json_path_for,
-                            list_sa1b_images, read_image_size, read_sa1b_json)
+from featcache.datasets.sa1b import (
+    Sa1bError,
+    iter_instance_masks,
+    json_path_for,
+    list_sa1b_images,
+    read_image_size,
+    read_sa1b_json,
+)
+from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
+from featcache.engine.types import EngineParams, Failure, Piece, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +90,6 @@ def edge_map_method_b(masks: Iterable[np.ndarray], shape: tuple[int, int],
 
     ``masks`` are ``(H, W)`` uint8 0/1 arrays of ``shape``; none gives an all-False map.
     """
-    import cv2
 
     kernel = np.ones((kernel_size, kernel_size), np.uint8)
     radius = kernel_size // 2
@@ -108,7 +115,6 @@ def resize_edge_map(edge: np.ndarray, size: int) -> np.ndarray:
 
     A cell is 1 when any edge pixel overlaps it (aspect ratio is not kept, as in the seed).
     """
-    import cv2
 
     small = cv2.resize(edge.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
     return (small > 0).astype(np.uint8)
@@ -158,7 +164,6 @@ class EdgeJob:
     def signature(self, item: str) -> str:
         """The image (its header gives the size checked against the JSON) and its JSON, by
         content, and which earlier image it duplicates (if any)."""
-        from featcache.engine import file_signature
 
         image = self.folder / item
         return file_signature([image, json_path_for(image)],
@@ -213,7 +218,6 @@ def run_edge_maps(params: EdgeParams) -> RunResult:
     and params match an earlier run's are reused, not recomputed (a killed run resumes, an
     added image costs one image of work).
     """
-    from featcache.engine import WriterOptions, finish_stage, run_job
 
     job = build_edge_job(params)
     # out and layout decide where the rows go and which view is added, not their bits; the

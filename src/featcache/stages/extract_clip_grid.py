@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from featcache.config import SharedParams, require
+from featcache.encoders.openclip import load_openclip, resolve_openclip_spec
+from featcache.encoders.weights import resolve_stage_spec
 from featcache.engine.types import RunResult
 from featcache.stages._grids import GridParams, GridPlan, check_target_grid, run_grid_stage
 
@@ -44,8 +46,6 @@ def plan_clip_grid(shared: SharedParams, params: ClipGridParams) -> GridPlan:
 
     Raises :class:`ParamError` naming ``model``/``weights`` or ``extract_clip_grid.grid``.
     """
-    from featcache.encoders.openclip import load_openclip, resolve_openclip_spec
-    from featcache.encoders.weights import resolve_stage_spec
 
     spec = resolve_stage_spec(resolve_openclip_spec, shared.model, stage=STAGE,
                               weights=shared.weights, weights_key=shared.weights_key,

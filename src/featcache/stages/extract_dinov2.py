@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from featcache.config import SharedParams, require
+from featcache.encoders.dinov2 import load_dinov2, resolve_dinov2_spec
+from featcache.encoders.weights import resolve_stage_spec
 from featcache.engine.types import RunResult
 from featcache.stages._grids import GridParams, GridPlan, run_grid_stage
 
@@ -41,8 +43,6 @@ class Dinov2Params(GridParams):
 
 def plan_dinov2(shared: SharedParams, params: Dinov2Params) -> GridPlan:
     """Resolve the DINOv2 spec (no model built); ParamError names ``extract_dinov2.model``."""
-    from featcache.encoders.dinov2 import load_dinov2, resolve_dinov2_spec
-    from featcache.encoders.weights import resolve_stage_spec
 
     spec = resolve_stage_spec(resolve_dinov2_spec, params.model, stage=STAGE,
                               weights=shared.weights, weights_key=shared.weights_key,

@@ -37,8 +37,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from featcache.config import ParamError, SharedParams, require
-from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult
 from featcache.datasets.images import ImageDecodeError, find_duplicate_keys, list_images, load_image
+from featcache.encoders import Preprocessor, resolve_device
+from featcache.encoders.preprocess import model_input
+from featcache.encoders.sam2 import CONFIGS, load_sam2, resolve_sam2_spec
+from featcache.encoders.weights import resolve_stage_spec
+from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
+from featcache.engine.distributed import init_distributed, rank_device
+from featcache.engine.inference import autocast_for, resolve_precision, to_storage
+from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +63,6 @@ NPZ_ALIASES = {"IMAGE_EMB_S16": "P4_S16"}  # the seed's copy of P4, in the npz l
 
 def known_configs() -> tuple[str, ...]:
     """SAM2 configs the encoder can build (``sam2.1_hiera_t`` ... ``sam2_hiera_l``)."""
-    from featcache.encoders.sam2 import CONFIGS
 
     return CONFIGS
 
@@ -106,7 +112,6 @@ class Sam2Job:
     def signature(self, item: str) -> str:
         """The image file's content, and which earlier image it duplicates (if any): removing
         that one turns this item from a failure into features."""
-        from featcache.engine import file_signature
 
         return file_signature([self.folder / item], extra=self.duplicates.get(item, ""))
 
@@ -137,7 +142,6 @@ def compute_precision(device: torch.device, dtype: str, requested: str = "auto")
     supports it (as SAM2's own code; fp16 can overflow in its encoder with real weights), else
     fp16 on CUDA, fp32 on the CPU (:func:`~featcache.engine.inference.resolve_precision`).
     ``dtype`` (the storage dtype) does not change the choice."""
-    from featcache.engine.inference import resolve_precision
 
     return resolve_precision(device, requested)
 
@@ -155,8 +159,6 @@ class Sam2Compute:
         self.dtype = dtype   # the storage dtype, cast on the device (None: float32)
 
     def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
-        from featcache.encoders.preprocess import model_input
-        from featcache.engine.inference import autocast_for, to_storage
 
         x = model_input(batch.inputs, self.encoder.spec, self.device)
         with autocast_for(self.device, self.precision):
@@ -234,11 +236,6 @@ def extract_sam2(shared: SharedParams, params: Sam2Params) -> RunResult:
     built. Images whose content, params and weights match an earlier run's are reused, not
     recomputed (a killed run resumes, an added image costs one forward).
     """
-    from featcache.encoders import Preprocessor, resolve_device
-    from featcache.encoders.sam2 import load_sam2, resolve_sam2_spec
-    from featcache.encoders.weights import resolve_stage_spec
-    from featcache.engine import WriterOptions, finish_stage, run_job
-    from featcache.engine.distributed import init_distributed, rank_device
 
     spec = resolve_stage_spec(resolve_sam2_spec, params.config, stage=STAGE,
                               weights=shared.weights, weights_key=shared.weights_key,

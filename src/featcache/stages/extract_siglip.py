@@ -33,11 +33,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import torch
 
-from featcache.engine.atomic import write_text
-from featcache.datasets.coco_panoptic import (PanopticEntry, PanopticError, PanopticSplit,
-                                     read_ids_and_image, read_panoptic_split, segment_key)
 from featcache.config import ParamError, SharedParams, require
+from featcache.datasets.coco_panoptic import (
+    PanopticEntry,
+    PanopticError,
+    PanopticSplit,
+    read_ids_and_image,
+    read_panoptic_split,
+    segment_key,
+)
+from featcache.encoders import Preprocessor, resolve_device
+from featcache.encoders.openclip import load_openclip, resolve_openclip_spec
+from featcache.encoders.preprocess import model_input
+from featcache.encoders.weights import resolve_stage_spec
+from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
+from featcache.engine.atomic import write_text
+from featcache.engine.distributed import init_distributed, rank_device
+from featcache.engine.inference import autocast_for, resolve_precision, to_storage
+from featcache.engine.shards import SHARDS_DIR, read_index
 from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult
 
 if TYPE_CHECKING:
@@ -161,7 +176,6 @@ class SiglipJob:
 
     def signature(self, item: str) -> str:
         """The image, its panoptic PNG and its annotation (segments, ids, boxes) as parsed."""
-        from featcache.engine import file_signature
 
         entry = self._entries[item]
         if entry.image is None:
@@ -212,10 +226,7 @@ class SiglipCompute:
         self.precision, self.dtype = precision, dtype   # dtype: cast on the device (fp16)
 
     def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
-        import torch
 
-        from featcache.encoders.preprocess import model_input
-        from featcache.engine.inference import autocast_for, to_storage
 
         x = model_input(batch.inputs, self.encoder.spec, self.device)
         with autocast_for(self.device, self.precision):
@@ -235,7 +246,6 @@ class SiglipCompute:
     def item_bytes(self) -> int:
         """Bytes one image stores: ``SEGMENTS_PER_IMAGE`` fp16 embeddings plus their ids (the
         embedding size from one forward of a blank input: from the model, not the data)."""
-        import torch
 
         h, w = self.encoder.spec.input_size
         with torch.inference_mode():
@@ -245,7 +255,6 @@ class SiglipCompute:
 
 def write_index(out: Path, layout: str) -> int:
     """Write ``<out>/inst2feat.tsv`` from the output's index; returns its number of rows."""
-    from featcache.engine.shards import SHARDS_DIR, read_index
 
     if layout in ("shards", "hdf5"):
         keys, shard, row, names, _ = read_index(out)
@@ -273,7 +282,6 @@ def _tsv_cell(text: str) -> str:
 def build_siglip_job(params: SiglipParams, spec: EncoderSpec) -> SiglipJob:
     """Read the split (cheap, main process); a missing or unreadable COCO root, JSON or PNG
     folder raises :class:`ParamError` naming ``extract_siglip.coco``."""
-    from featcache.encoders import Preprocessor
 
     try:
         split = read_panoptic_split(params.coco, params.split)
@@ -287,7 +295,6 @@ def build_siglip_job(params: SiglipParams, spec: EncoderSpec) -> SiglipJob:
 
 def siglip_provenance(params: SiglipParams, encoder: Encoder) -> dict[str, Any]:
     """What the embeddings depend on (HDF5 attributes or ``provenance.json``)."""
-    from featcache.engine.inference import resolve_precision
 
     crop = {k: getattr(params, k) for k in ("bg_alpha", "pad_ratio", "fill", "min_crop")}
     return {**encoder.provenance(), "coco": params.coco, "split": params.split,
@@ -314,8 +321,6 @@ def run_siglip(job: SiglipJob, compute: SiglipCompute, params: SiglipParams,
 
     ``result.failed`` counts images with any failure (an image or one of its segments).
     """
-    from featcache.engine import WriterOptions, run_job
-    from featcache.engine.distributed import init_distributed
 
     out = Path(params.out)
     result = run_job(job, compute, stage=STAGE, out=out,
@@ -338,11 +343,6 @@ def extract_siglip(shared: SharedParams, params: SiglipParams) -> RunResult:
     Also writes ``<out>/failures.tsv`` and ``metrics/extract_siglip.json``, then raises
     ``TooManyFailures`` when more than ``max_failures`` images failed.
     """
-    from featcache.encoders import resolve_device
-    from featcache.encoders.openclip import load_openclip, resolve_openclip_spec
-    from featcache.encoders.weights import resolve_stage_spec
-    from featcache.engine import finish_stage
-    from featcache.engine.distributed import init_distributed, rank_device
 
     spec = resolve_stage_spec(resolve_openclip_spec, params.model, stage=STAGE,
                               weights=shared.weights, weights_key=shared.weights_key,

@@ -36,12 +36,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import h5py
 import numpy as np
+import torch
 
 from featcache.config import ParamError, require
+from featcache.datasets.frames import frame_number, parse_frame_key
+from featcache.encoders.base import EncoderSpec
+from featcache.encoders.preprocess import Preprocessor
+from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
 from featcache.engine.shards import INDEX_NAME, SHARDS_DIR, ShardReader, read_index
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
-from featcache.datasets.frames import frame_number, parse_frame_key
 from featcache.reader import FeatureStore, open_features
 
 if TYPE_CHECKING:
@@ -89,7 +94,6 @@ class PointFeatsParams(EngineParams):
 def tokens_to_map(tokens: np.ndarray, upscale: int) -> torch.Tensor:
     """``(g*g, width)`` row-major tokens -> ``PixelShuffle(upscale)`` map
     ``(width / upscale², g*upscale, g*upscale)`` float32."""
-    import torch
 
     n, width = tokens.shape
     side = math.isqrt(n)
@@ -103,7 +107,6 @@ def tokens_to_map(tokens: np.ndarray, upscale: int) -> torch.Tensor:
 
 def spec_from_provenance(provenance: dict[str, Any]) -> EncoderSpec:
     """The :class:`EncoderSpec` recorded in a grid output's ``preprocessing`` provenance entry."""
-    from featcache.encoders.base import EncoderSpec
 
     pre = provenance.get("preprocessing")
     if not isinstance(pre, dict):
@@ -119,7 +122,6 @@ def spec_from_provenance(provenance: dict[str, Any]) -> EncoderSpec:
 def input_coords(uv: np.ndarray, image_size: tuple[int, int], spec: EncoderSpec) -> np.ndarray:
     """Colour-image pixels ``(N,2)`` (x, y; centres at integers) of a ``(W, H)`` image ->
     model-input pixels ``(N,2)`` float64, same convention, via the encoder's resize geometry."""
-    from featcache.encoders.preprocess import Preprocessor
 
     width, height = image_size
     geo = Preprocessor(spec).geometry(height, width)
@@ -143,7 +145,6 @@ def sample_map(feature_map: torch.Tensor, coords: np.ndarray) -> np.ndarray:
     """Bilinear samples of a ``(C, h, w)`` map at ``grid_sample`` coords ``(N,2)`` (x, y in
     [-1, 1], ``align_corners=False``; border padding so the outer half cell is not blended
     with zeros) -> ``(N, C)`` float32."""
-    import torch
 
     grid = torch.from_numpy(np.asarray(coords, dtype=np.float32)).view(1, 1, -1, 2)
     out = torch.nn.functional.grid_sample(feature_map[None].float(), grid, mode="bilinear",
@@ -225,7 +226,6 @@ def grid_records(source: Path) -> dict[int, tuple[str, str]]:
 
 @lru_cache(maxsize=64)
 def _grid_records(source: str, stamp: tuple[int, int, int]) -> dict[int, tuple[str, str]]:
-    from featcache.engine import file_signature
 
     path = Path(source)
     if path.is_dir():
@@ -245,7 +245,6 @@ def _grid_records(source: str, stamp: tuple[int, int, int]) -> dict[int, tuple[s
 def check_view_sources(path: Path) -> None:
     """Raise :class:`GridError` when ``path`` is a view (virtual datasets) whose source
     files are gone: HDF5 would read them as zeros, a silently wrong feature."""
-    import h5py
 
     with h5py.File(path, "r") as f:
         sources = {s.file_name for name in f if isinstance(f[name], h5py.Dataset)
@@ -317,7 +316,6 @@ class PointFeatsJob:
         (megabytes a frame, read twice) and finer than the shard file's name (which changes
         with any neighbour in the shard).
         """
-        from featcache.engine import file_signature
 
         scene, index = frame_index(item)
         uv = record_identities(Path(self.params.uv_index)).get(item, "missing")
@@ -432,7 +430,6 @@ def sample_point_feats(params: PointFeatsParams) -> RunResult:
 
     Raises ``TooManyFailures`` (after writing) when more than ``max_failures`` frames failed.
     """
-    from featcache.engine import WriterOptions, finish_stage, run_job
 
     check_inputs(params)
     job = PointFeatsJob(params)

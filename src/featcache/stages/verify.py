@@ -50,10 +50,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featcache.verify.checks import Report, problems_to
-from featcache.verify.outputs import Expectation, OutputCount, check_params, check_records
 from featcache.config import SharedParams, StageError, require
+from featcache.encoders import resolve_device
+from featcache.encoders.registry import load_encoder
+from featcache.engine.atomic import write_text
 from featcache.reader import FeatureStore
+from featcache.verify.checks import Report, problems_to
+from featcache.verify.expected import load_expectations
+from featcache.verify.grid_checks import check_grid_stage
+from featcache.verify.npz_checks import check_edges, check_point_feats, check_sam2, check_uv_index
+from featcache.verify.outputs import Expectation, OutputCount, check_params, check_records
+from featcache.verify.pictures import draw_pictures
+from featcache.verify.siglip_checks import check_siglip
+from featcache.verify.spotcheck import spec_from_provenance, spot_check, spot_check_segments
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +127,6 @@ def verify(shared: SharedParams, params: VerifyParams,
     (after writing everything) when a check failed. Paths are relative to the working
     directory (the repository root under ``dvc repro``).
     """
-    from featcache.verify.expected import load_expectations
-    from featcache.verify.grid_checks import check_grid_stage
-    from featcache.verify.npz_checks import check_edges, check_point_feats, check_sam2, check_uv_index
-    from featcache.verify.siglip_checks import check_siglip
-    from featcache.verify.pictures import draw_pictures
 
     start = time.perf_counter()
     expected = load_expectations() if expected is None else expected
@@ -173,9 +177,6 @@ def run_spot_checks(report: Report, grids: dict[str, list[FeatureStore]], shared
     recomputed live; one model load per distinct encoder spec."""
     if params.spot_check == 0:
         return
-    from featcache.encoders import resolve_device
-    from featcache.encoders.registry import load_encoder
-    from featcache.verify.spotcheck import spec_from_provenance, spot_check
 
     device = resolve_device(shared.device)
     encoders: dict[Any, Any] = {}
@@ -210,7 +211,6 @@ def run_segment_spot_check(report: Report, path: Path, shared: SharedParams,
     recomputed live from the COCO split their provenance names (read through the shards)."""
     if params.spot_check == 0 or not (path / "index.h5").is_file():
         return
-    from featcache.verify.spotcheck import spot_check_segments
 
     check = report("siglip.spot_check")
     with problems_to(check, path.name):
@@ -230,7 +230,6 @@ def run_segment_spot_check(report: Report, path: Path, shared: SharedParams,
 def write_summaries(params: VerifyParams, report: Report, counts: list[OutputCount]) -> None:
     """The compact metric (``passed``, ``failed_checks``, ``checks``: what ``dvc exp show``
     compares) and the per-output records table (a DVC plot), both without times."""
-    from featcache.engine.atomic import write_text
 
     if params.metrics:
         doc = {"passed": not report.failed, "failed_checks": len(report.failed),
@@ -243,7 +242,6 @@ def write_summaries(params: VerifyParams, report: Report, counts: list[OutputCou
 
 def write_report(path: Path, report: Report, pictures: list[str]) -> None:
     """``reports/verify.json``: sorted keys, no times, so equal outputs give equal bytes."""
-    from featcache.engine.atomic import write_text
 
     doc = _finite(report.to_json(pictures))
     write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")

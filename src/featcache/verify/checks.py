@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from featcache.config import ParamError, SharedParams
+from featcache.encoders.dinov2 import CONFIGS
+from featcache.encoders.openclip import model_config
 
 LISTED = 5  # problems described per check in the report (all of them are counted)
 READ_ERRORS = (OSError, KeyError, ValueError, TypeError, IndexError, EOFError, zipfile.BadZipFile)
@@ -125,11 +127,9 @@ def model_dims(family: str, model: str) -> tuple[int | None, int | None]:
     (CNN and timm towers: only consistency across items is checked)."""
     try:
         if family == "dinov2":
-            from featcache.encoders.dinov2 import CONFIGS
 
             return (CONFIGS[model]["hidden_size"] if model in CONFIGS else None), None
         if family == "open_clip":
-            from featcache.encoders.openclip import model_config
 
             cfg = model_config(model)
             vision = cfg.get("vision_cfg", {})

@@ -13,8 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from featcache.verify.outputs import Expectation
 from featcache.config import PARAMS_FILE, SharedParams, load_stage_params, read_params_file
+from featcache.encoders import weights as W
+from featcache.stages.build_uv_index import UvIndexParams
+from featcache.stages.edge_maps_methodB import EdgeParams
+from featcache.stages.extract_clip_grid import ClipGridParams
+from featcache.stages.extract_dinov2 import Dinov2Params
+from featcache.stages.extract_sam2 import Sam2Params
+from featcache.stages.extract_siglip import SiglipParams
+from featcache.stages.sample_point_feats import PointFeatsParams
+from featcache.verify.outputs import Expectation
 
 # verify's output kinds and the stage that makes each
 KIND_STAGES = {"clip_grid": "extract_clip_grid", "dinov2": "extract_dinov2",
@@ -24,7 +32,6 @@ KIND_STAGES = {"clip_grid": "extract_clip_grid", "dinov2": "extract_dinov2",
 
 def weights_identity(shared: SharedParams) -> dict[str, tuple[str, Any]]:
     """``weights`` and, where it can be known without loading a model, ``weights_id``."""
-    from featcache.encoders import weights as W
 
     found: dict[str, tuple[str, Any]] = {"weights": (shared.weights_key, shared.weights)}
     if W.is_random(shared.weights):
@@ -65,13 +72,6 @@ def made_with(kind: str, stage: str, shared: SharedParams, p: Any) -> dict[str, 
 
 
 def stage_classes() -> dict[str, type]:
-    from featcache.stages.extract_clip_grid import ClipGridParams
-    from featcache.stages.extract_dinov2 import Dinov2Params
-    from featcache.stages.edge_maps_methodB import EdgeParams
-    from featcache.stages.sample_point_feats import PointFeatsParams
-    from featcache.stages.extract_sam2 import Sam2Params
-    from featcache.stages.extract_siglip import SiglipParams
-    from featcache.stages.build_uv_index import UvIndexParams
 
     return {"extract_clip_grid": ClipGridParams, "extract_dinov2": Dinov2Params,
             "extract_siglip": SiglipParams, "extract_sam2": Sam2Params,

@@ -6,10 +6,21 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.verify.checks import (Check, Report, check_coverage, check_provenance, expect_array,
-                              model_dims, problems_to, read_failures)
 from featcache.config import SharedParams
+from featcache.datasets.images import list_images
 from featcache.reader import FeatureStore, open_features
+from featcache.stages._grids import image_key
+from featcache.verify.checks import (
+    Check,
+    Report,
+    check_coverage,
+    check_provenance,
+    expect_array,
+    model_dims,
+    problems_to,
+    read_failures,
+)
+from featcache.verify.spotcheck import spec_from_provenance
 
 
 def grid_outputs(folder: Path) -> list[tuple[Path, str | None]]:
@@ -53,7 +64,6 @@ def check_grid_stage(report: Report, kind: str, folder: Path, shared: SharedPara
 
 def check_grid_file(report: Report, kind: str, store: FeatureStore) -> None:
     """Shapes of every ``grids`` (and ``global``) array of one split output."""
-    from featcache.verify.spotcheck import spec_from_provenance
 
     prov = store.provenance
     shapes = report(f"{kind}.shapes")
@@ -79,8 +89,6 @@ def check_grid_file(report: Report, kind: str, store: FeatureStore) -> None:
 
 def check_grid_coverage(check: Check, store: FeatureStore, images: Path, failed: set[str]) -> None:
     """Every image of the split folder recorded in the provenance has a key or a failure row."""
-    from featcache.stages._grids import image_key
-    from featcache.datasets.images import list_images
 
     rule = store.provenance["key_rule"]
     expected = [(image_key(p.name, rule), (p.name,)) for p in list_images(images)]

@@ -11,11 +11,28 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.verify.checks import (READ_ERRORS, Check, Report, all_failed, check_coverage,
-                              check_provenance, expect_array, model_dims, problems_to,
-                              read_failures)
-from featcache.config import SharedParams
+from featcache.config import SharedParams, build_dataclass
+from featcache.datasets.images import list_images
+from featcache.datasets.scannet import principal_point_offset
 from featcache.reader import FeatureStore, open_features
+from featcache.stages.build_uv_index import STAGE as UV_STAGE
+from featcache.stages.build_uv_index import UvIndexJob, UvIndexParams
+from featcache.stages.edge_maps_methodB import EDGE_VERSION, edge_key
+from featcache.stages.edge_maps_methodB import OUTPUT_SUFFIX as EDGES_SUFFIX
+from featcache.stages.extract_sam2 import NPZ_ALIASES
+from featcache.stages.extract_sam2 import OUTPUT_SUFFIX as SAM2_SUFFIX
+from featcache.verify.checks import (
+    READ_ERRORS,
+    Check,
+    Report,
+    all_failed,
+    check_coverage,
+    check_provenance,
+    expect_array,
+    model_dims,
+    problems_to,
+    read_failures,
+)
 
 
 def open_npz_output(report: Report, kind: str, folder: Path,
@@ -47,7 +64,6 @@ def npz_items(report: Report, kind: str, store: FeatureStore,
 
 def image_coverage(check: Check, store: FeatureStore, images: Path, failed: set[str]) -> None:
     """One ``<stem>`` key or failure row per image file of ``images``."""
-    from featcache.datasets.images import list_images
 
     check_coverage(check, [(p.stem, (p.name,)) for p in list_images(images)], set(store),
                    failed)
@@ -99,7 +115,6 @@ def check_sam2(report: Report, folder: Path, shared: SharedParams) -> None:
     """extract_sam2: P4/P5 shapes at the recorded input size and dtype, flags, coverage; with
     the npz layout also every ``<stem>_features.npz`` (the shards' arrays, ``IMAGE_EMB_S16``
     a copy of ``P4_S16``)."""
-    from featcache.stages.extract_sam2 import NPZ_ALIASES, OUTPUT_SUFFIX
 
     store, failed = open_npz_output(report, "sam2", folder)
     if store is None:
@@ -113,7 +128,7 @@ def check_sam2(report: Report, folder: Path, shared: SharedParams) -> None:
         p4, p5 = (256, size // 16, size // 16), (256, size // 32, size // 32)
         items = npz_items(report, "sam2", store)
         if prov.get("layout") == "npz":
-            items = chain(items, npz_view_items(report, "sam2", folder, store, OUTPUT_SUFFIX,
+            items = chain(items, npz_view_items(report, "sam2", folder, store, SAM2_SUFFIX,
                                                  NPZ_ALIASES, all_failed(failed)))
         for key, arrays in items:
             shapes.items += 1
@@ -131,7 +146,6 @@ def check_sam2(report: Report, folder: Path, shared: SharedParams) -> None:
 def check_edges(report: Report, folder: Path) -> None:
     """edge_maps_methodB: one uint8 0/1 map per recorded size, flags, coverage; with the npz
     layout also every ``<stem>_edges.npz`` (the shards' arrays)."""
-    from featcache.stages.edge_maps_methodB import EDGE_VERSION, OUTPUT_SUFFIX, edge_key
 
     store, failed = open_npz_output(report, "edges", folder)
     if store is None:
@@ -144,7 +158,7 @@ def check_edges(report: Report, folder: Path) -> None:
                      f"provenance: edge_version {prov.get('edge_version')!r}")
         items = npz_items(report, "edges", store)
         if prov.get("layout") == "npz":
-            items = chain(items, npz_view_items(report, "edges", folder, store, OUTPUT_SUFFIX,
+            items = chain(items, npz_view_items(report, "edges", folder, store, EDGES_SUFFIX,
                                                  excused=all_failed(failed)))
         for key, arrays in items:
             shapes.items += 1
@@ -171,10 +185,6 @@ def check_uv_index(report: Report, folder: Path, metrics: Path, max_px: float) -
     principal point near the image centre; thresholds from the output's params), coverage;
     with the npz layout also every ``<scene>/frame_<idx>.npz`` (the shards' arrays).
     No frame: no error figure (``max_px`` is None) and the re-projection check fails."""
-    from featcache.config import build_dataclass
-    from featcache.datasets.scannet import principal_point_offset
-    from featcache.stages.build_uv_index import STAGE as UV_STAGE
-    from featcache.stages.build_uv_index import UvIndexJob, UvIndexParams
 
     store, failed = open_npz_output(report, "uv_index", folder)
     if store is None:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featcache.verify.checks import Report, problems_to
 from featcache.config import lookup
 from featcache.reader import open_features
+from featcache.verify.checks import Report, problems_to
 
 # failure codes that mean "the key this item needs is not in the upstream output"
 KEY_MISMATCH: dict[str, tuple[tuple[str, ...], str]] = {

@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from featcache.datasets import scannet
+from featcache.datasets.coco_panoptic import read_ids_and_image, read_panoptic_split, segment_key
+from featcache.datasets.images import composite_alpha, list_images, load_image
+from featcache.encoders import Preprocessor
+from featcache.engine.atomic import atomic_path
 from featcache.reader import FeatureStore, open_features
+from featcache.stages._grids import image_key
+from featcache.stages.extract_siglip import H5_NAME, CropSettings, crop_box, mask_bbox, segment_crop
+from featcache.verify.spotcheck import spec_from_provenance
 
 if TYPE_CHECKING:
     from featcache.encoders import Preprocessor
@@ -41,7 +49,6 @@ def draw_pictures(params: VerifyParams, grids: dict[str, list[FeatureStore]]) ->
     A picture that cannot be drawn is logged and skipped: the checks, not the pictures, say
     whether the outputs are right, and a corrupt output can raise anything here.
     """
-    from featcache.engine.atomic import atomic_path
 
     n = params.picture_items
     drawers: dict[str, Callable[[], np.ndarray | None]] = {
@@ -67,10 +74,6 @@ def draw_pictures(params: VerifyParams, grids: dict[str, list[FeatureStore]]) ->
 
 def grid_pca_picture(stores: Sequence[FeatureStore], n: int) -> np.ndarray | None:
     """The first ``n`` images of the first split beside the PCA->RGB of their grids."""
-    from featcache.encoders import Preprocessor
-    from featcache.stages._grids import image_key
-    from featcache.datasets.images import composite_alpha, list_images, load_image
-    from featcache.verify.spotcheck import spec_from_provenance
 
     if not stores:
         return None
@@ -120,7 +123,6 @@ def pca_rgb(features: np.ndarray) -> np.ndarray:
 def edges_picture(folder: Path, n: int) -> np.ndarray | None:
     """The first ``n`` SA-1B images with edges (edgeless ones only to fill up), the largest
     edge map in red over the image, then every map."""
-    from featcache.datasets.images import list_images, load_image
 
     store = open_features(folder)
     sizes = sorted((int(s) for s in store.provenance["sizes"]), reverse=True)
@@ -155,7 +157,6 @@ def edges_picture(folder: Path, n: int) -> np.ndarray | None:
 def uv_picture(uv_folder: Path, feats_folder: Path) -> np.ndarray | None:
     """The first frame of the uv index (any layout): points over colour and depth, and, when
     the point features exist, the points coloured by their feature PCA."""
-    from featcache.datasets import scannet
 
     store = open_features(uv_folder)
     if not len(store):
@@ -213,8 +214,6 @@ def feature_panel(color: np.ndarray, feats: dict[str, np.ndarray], zoom: int) ->
 
 def siglip_picture(folder: Path, n: int) -> np.ndarray | None:
     """``n`` segments spread over the embeddings: crop with the mask outlined | blended crop."""
-    from featcache.datasets.coco_panoptic import read_ids_and_image, read_panoptic_split, segment_key
-    from featcache.stages.extract_siglip import H5_NAME, CropSettings, crop_box, mask_bbox, segment_crop
 
     store = open_features(folder / H5_NAME if (folder / H5_NAME).is_file() else folder)
     prov, keys = store.provenance, list(store)

@@ -5,17 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
-from featcache.verify.checks import (Check, Report, all_failed, check_coverage, check_provenance,
-                              expect_array, model_dims, problems_to, read_failures)
 from featcache.config import SharedParams
+from featcache.datasets.coco_panoptic import PanopticError, read_panoptic_split, segment_key
+from featcache.engine.shards import SHARDS_DIR, read_index
 from featcache.reader import FeatureStore, open_features
+from featcache.stages.extract_siglip import H5_NAME, INDEX_HEADER, INDEX_NAME
+from featcache.verify.checks import (
+    Check,
+    Report,
+    all_failed,
+    check_coverage,
+    check_provenance,
+    expect_array,
+    model_dims,
+    problems_to,
+    read_failures,
+)
 
 
 def check_siglip(report: Report, folder: Path, shared: SharedParams, tolerance: float) -> None:
     """Shapes, unit norms, ``inst2feat.tsv`` and coverage of extract_siglip's output."""
-    from featcache.stages.extract_siglip import H5_NAME
 
     readable = report("siglip.readable")
     path = folder / H5_NAME if (folder / H5_NAME).is_file() else folder
@@ -49,7 +61,6 @@ def check_siglip(report: Report, folder: Path, shared: SharedParams, tolerance: 
 def read_embeddings(store: FeatureStore, report: Report) -> tuple[list[str], np.ndarray]:
     """Keys and ``(N, D)`` embeddings in stored order; the id columns are checked too."""
     if store.layout == "hdf5_packed":
-        import h5py
 
         with h5py.File(store.path, "r") as f:
             keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][()]]
@@ -75,13 +86,11 @@ def read_embeddings(store: FeatureStore, report: Report) -> tuple[list[str], np.
 
 def check_index(check: Check, folder: Path, keys: list[str], layout: str) -> None:
     """``inst2feat.tsv``: the header, one row per embedding, each pointing at its embedding."""
-    from featcache.stages.extract_siglip import H5_NAME, INDEX_HEADER, INDEX_NAME
 
     lines = (folder / INDEX_NAME).read_text(encoding="utf-8").splitlines()
     check.expect(bool(lines) and lines[0] == INDEX_HEADER,
                  f"{INDEX_NAME}: header {lines[:1]}, expected {INDEX_HEADER!r}")
     if layout == "shards":
-        from featcache.engine.shards import SHARDS_DIR, read_index
 
         index_keys, shard, row, names, _ = read_index(folder)
         where = {k: f"{SHARDS_DIR}/{names[s]}#{r}" for k, s, r in zip(index_keys, shard, row)}
@@ -108,7 +117,6 @@ def check_siglip_coverage(check: Check, prov: dict[str, Any], present: set[str],
                           failed: set[str]) -> None:
     """Every segment of the panoptic JSON recorded in the provenance has an embedding or a
     failures row (its own, or its image's); bad JSON entries have their rows."""
-    from featcache.datasets.coco_panoptic import PanopticError, read_panoptic_split, segment_key
 
     try:
         split = read_panoptic_split(prov["coco"], prov["split"])

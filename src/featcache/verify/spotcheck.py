@@ -24,8 +24,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
+from featcache.datasets.coco_panoptic import PanopticError, read_panoptic_split, segment_key
+from featcache.datasets.images import list_images
+from featcache.encoders import EncoderSpec, Preprocessor, load_encoder, resolve_device
+from featcache.engine import Failure, Piece, make_batch
 from featcache.reader import open_features
+from featcache.stages._grids import GridCompute, build_grid_job
+from featcache.stages.extract_siglip import CropSettings, SiglipCompute, SiglipJob
 
 if TYPE_CHECKING:
     from featcache.encoders.base import Encoder
@@ -86,12 +93,7 @@ def recompute(prov: dict[str, Any], folder: Path, keys: list[str], field: str,
               ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """Live float32 arrays of ``keys`` (as stored under ``field``) and ``(key, reason)`` errors;
     ``encoder`` as in :func:`spot_check`."""
-    import torch
 
-    from featcache.encoders import Preprocessor, load_encoder, resolve_device
-    from featcache.engine import Failure, make_batch
-    from featcache.stages._grids import GridCompute, build_grid_job
-    from featcache.datasets.images import list_images
 
     if not folder.is_dir():
         return {}, [(key, f"image folder not found: {folder}") for key in keys]
@@ -144,12 +146,7 @@ def spot_check_segments(path: str | Path, n: int = 4, *, coco: str | Path | None
 def recompute_segments(prov: dict[str, Any], coco: Path, keys: list[str], device: str = "cpu",
                        ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """Live float32 embeddings of the segment ``keys`` and ``(key, reason)`` errors."""
-    import torch
 
-    from featcache.datasets.coco_panoptic import PanopticError, read_panoptic_split, segment_key
-    from featcache.encoders import Preprocessor, load_encoder, resolve_device
-    from featcache.engine import Piece, make_batch
-    from featcache.stages.extract_siglip import CropSettings, SiglipCompute, SiglipJob
 
     spec = spec_from_provenance(prov["preprocessing"])
     try:
@@ -177,7 +174,6 @@ def recompute_segments(prov: dict[str, Any], coco: Path, keys: list[str], device
 
 def spec_from_provenance(spec: dict[str, Any]) -> Any:
     """The :class:`~featcache.encoders.EncoderSpec` stored in a provenance ``preprocessing``."""
-    from featcache.encoders import EncoderSpec
 
     return EncoderSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
 
