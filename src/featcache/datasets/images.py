@@ -77,6 +77,9 @@ class DecodedImage:
     alpha: np.ndarray | None
     source_mode: str
     low_range: bool = False   # 16-bit data in < 12 bits with no significant-bits information
+    #: ``(width, height)`` of the file (display orientation) when ``load_image(draft=...)``
+    #: decoded it DCT-downscaled; ``None`` for a full-size decode
+    draft_from: tuple[int, int] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -84,8 +87,18 @@ class DecodedImage:
         return int(self.rgb.shape[1]), int(self.rgb.shape[0])
 
 
-def load_image(path: str | Path) -> DecodedImage:
+#: ``(width, height)`` of an image in display orientation -> the smallest ``(width, height)``
+#: (display orientation) that a DCT-domain downscaled decode may return, or ``None``: full size.
+DraftRule = Callable[[int, int], "tuple[int, int] | None"]
+
+
+def load_image(path: str | Path, draft: DraftRule | None = None) -> DecodedImage:
     """Decode ``path`` completely into a :class:`DecodedImage`.
+
+    ``draft`` (the fast preprocessing path only; ``None``, the default, decodes at full size):
+    a JPEG for which ``draft(width, height)`` gives a size is decoded DCT-domain downscaled
+    by libjpeg (PIL ``Image.draft``, a factor of 2, 4 or 8) to at least that size, in display
+    orientation. Other formats are decoded at full size.
 
     Raises :class:`ImageDecodeError` for a missing, truncated, corrupt or unsupported file;
     never returns a partially decoded image.
@@ -93,6 +106,8 @@ def load_image(path: str | Path) -> DecodedImage:
     path = Path(path)
     try:
         with _strict_decoding(), Image.open(path) as img:
+            full = _apply_draft(img, draft) if draft is not None and img.format == "JPEG" \
+                else None
             img.load()
             source_mode = img.mode
             bits = significant_bits(img, path) if img.mode in _SIXTEEN_BIT_MODES else None
@@ -110,7 +125,59 @@ def load_image(path: str | Path) -> DecodedImage:
         log.warning("%s: 16-bit image whose values all stay below %d and that does not say how "
                     "many bits are significant: decoded as v/257, nearly black", path,
                     LOW_RANGE_LIMIT)
-    return DecodedImage(rgb=rgb, alpha=alpha, source_mode=source_mode, low_range=low)
+    if full is not None and (rgb.shape[1], rgb.shape[0]) == full:
+        full = None   # libjpeg declined to reduce
+    return DecodedImage(rgb=rgb, alpha=alpha, source_mode=source_mode, low_range=low,
+                        draft_from=full)
+
+
+def _apply_draft(img: Image.Image, draft: DraftRule) -> tuple[int, int] | None:
+    """Ask libjpeg for a reduced decode of ``img`` (not loaded yet) per ``draft``; the size asked
+    for is turned into the file's stored orientation (EXIF 5-8 swap width and height).
+    Returns the full display size when a reduction was asked for, else ``None``."""
+    width, height = img.size
+    transposed = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    display = (height, width) if transposed else (width, height)
+    want = draft(*display)
+    if want is None:
+        return None
+    img.draft(img.mode, (want[1], want[0]) if transposed else want)
+    return display
+
+
+@dataclass(frozen=True)
+class JpegBytes:
+    """A JPEG file's bytes, for decoding elsewhere (``torchvision.io.decode_jpeg``, nvjpeg on
+    CUDA): ``data`` ``uint8 (n,)``; ``width``/``height`` in display orientation;
+    ``orientation`` the EXIF orientation tag (1-8) the decoder's output still needs."""
+
+    data: np.ndarray
+    width: int
+    height: int
+    orientation: int
+
+
+def read_jpeg(path: str | Path) -> JpegBytes | None:
+    """The bytes of a plain JPEG (baseline or progressive, YCbCr or grayscale, ending in its
+    EOI marker, within PIL's decompression-bomb limit), from its header only; ``None`` for
+    anything else (another format, CMYK, a truncated file, an unreadable header), which the
+    caller decodes with :func:`load_image` instead, so it gets that function's exact result
+    or its :class:`ImageDecodeError`."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        with _strict_decoding(), Image.open(path) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            width, height = img.size
+            orientation = int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - load_image reports the reason
+        return None
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9") or orientation not in range(1, 9):
+        return None   # truncated (no EOI) or an orientation tag PIL would not apply
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return JpegBytes(np.frombuffer(data, np.uint8), int(width), int(height), orientation)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

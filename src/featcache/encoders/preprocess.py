@@ -22,6 +22,23 @@ would become 224 x 224W) is resized through the crop window only (PIL's ``box``,
 filter; measured within 4 grey levels of the full resize + crop, mean < 0.2, not bit-equal). Images
 of aspect ratio up to 16:1 take the exact upstream order.
 
+Preprocessing paths (the ``preprocess`` param of the image-folder stages, :data:`PREPROCESS_PATHS`;
+the same :class:`ResizeGeometry` in all three, so points map the same way):
+
+- ``exact`` (the default): the above, bit for bit the upstream transform;
+- ``fast``: a JPEG at least :data:`DRAFT_FACTOR` times the resized size on both sides is decoded
+  DCT-domain downscaled by libjpeg (PIL ``Image.draft``: 1/2, 1/4 or 1/8, never below the
+  resized size, so the last resample still downsamples); the worker sends that ``uint8`` image
+  as it is and the resize (``torch`` ``interpolate``, the spec's mode, antialiased) and crop run
+  on the device (:mod:`featcache.encoders.device_input`);
+- ``gpu_decode``: the worker sends a plain JPEG's bytes (:func:`~featcache.datasets.images.
+  read_jpeg`), decoded on the device in one batched ``torchvision.io.decode_jpeg`` call (nvjpeg
+  on CUDA), the EXIF orientation applied there, then resized as ``fast`` does. Anything else
+  (PNG, CMYK, a truncated file) is decoded by the worker as ``exact`` decodes it.
+
+Images whose resize is bounded by the crop window (above :data:`BOX_RESIZE_FACTOR`) take the
+exact worker preprocessing under every path.
+
 Coordinates (:class:`ResizeGeometry`): x right, y down, in pixels of the original image, with
 pixel ``i`` covering ``[i, i+1)`` (its centre at ``i + 0.5``). A point maps into the model input
 as ``x_in = (x + 0.5) * scale_x - offset_x - 0.5`` (same for y), where ``scale`` is
@@ -30,16 +47,33 @@ resized/original size and ``offset`` the centre-crop origin in the resized image
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image
 
+from featcache.datasets.images import DecodedImage, load_image, read_jpeg
 from featcache.encoders.base import EncoderSpec
 
 BOX_RESIZE_FACTOR = 16  # resized/input area (= aspect ratio) above which only the crop window is resized
 _PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+PreprocessPath = Literal["exact", "fast", "gpu_decode"]
+PREPROCESS_PATHS: tuple[str, ...] = get_args(PreprocessPath)
+DRAFT_FACTOR = 2   # a JPEG is DCT-downscaled only when >= this many times the resized size
+#: what each path does, for provenance (which path made a file)
+PREPROCESS_DESCRIPTIONS = {
+    "exact": "exact upstream preprocessing: PIL decode, resize and crop on the host",
+    "fast": f"fast: JPEGs >= {DRAFT_FACTOR}x the resized size decoded DCT-downscaled "
+            "(PIL draft); uint8 to the device; resize + crop on the device (torch "
+            "interpolate, antialias)",
+    "gpu_decode": "gpu_decode: plain JPEGs decoded on the device (torchvision decode_jpeg, "
+                  "batched; EXIF orientation applied there), other files decoded on the host "
+                  "as exact; resize + crop on the device (torch interpolate, antialias)",
+}
 
 
 @dataclass(frozen=True)
@@ -84,11 +118,15 @@ class Preprocessor:
     """``(H, W, 3) uint8 RGB -> [3, H_in, W_in] float32`` normalised model input.
 
     Raises ``ValueError`` on anything but a non-empty ``uint8`` RGB array, so a bad item becomes
-    a failure record instead of a wrong feature.
+    a failure record instead of a wrong feature. ``path`` is the preprocessing path of
+    :func:`prepare_file` (see the module docstring); ``__call__`` and :meth:`prepare` are the
+    exact path whatever it is.
     """
 
-    def __init__(self, spec: EncoderSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: EncoderSpec, path: PreprocessPath = "exact") -> None:
+        if path not in PREPROCESS_PATHS:
+            raise ValueError(f"preprocess path {path!r}; allowed: {PREPROCESS_PATHS}")
+        self.spec, self.path = spec, path
 
     def __call__(self, rgb: np.ndarray) -> torch.Tensor:
         return model_input(self.prepare(rgb)[None], self.spec, torch.device("cpu"))[0]
@@ -110,6 +148,46 @@ class Preprocessor:
             offset_x=int(round((new_w - out_w) / 2.0)),
             offset_y=int(round((new_h - out_h) / 2.0)),
             resized_width=new_w, resized_height=new_h)
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The ``fast`` path's rule (a :data:`~featcache.datasets.images.DraftRule`): the
+        resized ``(width, height)`` when the image is at least :data:`DRAFT_FACTOR` times it on
+        both sides, else ``None`` (decode at full size)."""
+        geo = self.geometry(height, width)
+        if self.window_only(geo):
+            return None
+        rw, rh = geo.resized_width, geo.resized_height
+        if width >= DRAFT_FACTOR * rw and height >= DRAFT_FACTOR * rh:
+            return rw, rh
+        return None
+
+    def window_only(self, geo: ResizeGeometry) -> bool:
+        """True when the resize goes through the crop window only (extreme aspect ratios)."""
+        out_h, out_w = self.spec.input_size
+        return (self.spec.family != "sam2" and
+                geo.resized_height * geo.resized_width > BOX_RESIZE_FACTOR * out_h * out_w)
+
+    def device_arrays(self, rgb: np.ndarray, size: tuple[int, int] | None = None,
+                      ) -> dict[str, np.ndarray]:
+        """The worker's half of the ``fast`` path: ``pixels`` ``uint8 (3, h, w)`` (``rgb``
+        as decoded, maybe DCT-downscaled) and ``geometry`` ``int64 [resized_h, resized_w,
+        offset_y, offset_x]`` of the original ``size = (width, height)`` (default: ``rgb``'s),
+        for :func:`~featcache.encoders.device_input.device_model_input`. Images resized through
+        the crop window get the exact :meth:`prepare` (at input size, identity geometry)."""
+        check_rgb(rgb)
+        width, height = size or (rgb.shape[1], rgb.shape[0])
+        geo = self.geometry(height, width)
+        if self.window_only(geo):
+            return self.input_arrays(self.prepare(rgb))
+        return {"pixels": rgb.transpose(2, 0, 1).copy(),
+                "geometry": np.array([geo.resized_height, geo.resized_width, geo.offset_y,
+                                      geo.offset_x], np.int64)}
+
+    def input_arrays(self, prepared: torch.Tensor) -> dict[str, np.ndarray]:
+        """An exact :meth:`prepare` result as device-path arrays (identity geometry)."""
+        out_h, out_w = self.spec.input_size
+        return {"pixels": prepared.numpy(),
+                "geometry": np.array([out_h, out_w, 0, 0], np.int64)}
 
     def _resize_pil(self, rgb: np.ndarray) -> torch.Tensor:
         height, width = rgb.shape[:2]
@@ -176,3 +254,39 @@ def check_rgb(rgb: np.ndarray) -> None:
         raise ValueError(f"expected uint8 pixels, got {rgb.dtype}")
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ValueError(f"empty image of shape {rgb.shape}")
+
+
+@dataclass
+class FileInput:
+    """What a worker makes of one image file (:func:`prepare_file`): ``tensor`` is the exact
+    path's ``[3, H_in, W_in]`` input (``None`` on the device paths, whose input is ``arrays``:
+    ``pixels`` or ``jpeg`` + ``orientation``, and ``geometry``); ``image`` the decoded image
+    (``None`` when the device decodes it), for alpha masks and the like."""
+
+    tensor: torch.Tensor | None
+    image: DecodedImage | None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def prepare_file(file: Path, pre: Preprocessor, to_rgb: Callable[[DecodedImage], np.ndarray],
+                 ) -> FileInput:
+    """Decode and preprocess one image file along ``pre.path``; ``to_rgb`` turns the decoded
+    image into the RGB to encode (e.g. alpha composited over a background). Raises
+    :class:`~featcache.datasets.images.ImageDecodeError` for a bad file (``gpu_decode``: a
+    JPEG whose bytes the device then fails to decode raises there, in the batch)."""
+    if pre.path == "gpu_decode":
+        jpeg = read_jpeg(file)
+        if jpeg is not None and not pre.window_only(pre.geometry(jpeg.height, jpeg.width)):
+            geo = pre.geometry(jpeg.height, jpeg.width)
+            return FileInput(None, None, {
+                "jpeg": jpeg.data, "orientation": np.array(jpeg.orientation, np.int64),
+                "geometry": np.array([geo.resized_height, geo.resized_width, geo.offset_y,
+                                      geo.offset_x], np.int64)})
+    if pre.path == "fast":
+        image = load_image(file, draft=pre.draft_size)
+        return FileInput(None, image, pre.device_arrays(to_rgb(image), image.draft_from))
+    image = load_image(file)
+    prepared = pre.prepare(to_rgb(image))
+    if pre.path == "exact":
+        return FileInput(prepared, image)
+    return FileInput(None, image, pre.input_arrays(prepared))   # gpu_decode, not a plain JPEG
