@@ -26,6 +26,7 @@ SIZES = {  # items per stage: (quick, full)
     "clip_grid": (60, 400), "dinov2": (60, 400), "siglip": (15, 100), "sam2": (6, 24)}
 MAIN_TARGET = {"clip_grid": 0.5, "dinov2": 0.5, "siglip": 0.3, "sam2": 2.0}
 UNIT = {"siglip": "ms/crop"}
+FAST_STAGES = ("clip_grid", "dinov2", "sam2")   # the stages with a `preprocess` param
 
 
 def sub(args: list[str], timeout: int = 900) -> dict:
@@ -101,7 +102,8 @@ def main() -> None:
         common = ["bench_host.py", "--stage", stage, "--items", str(n),
                   "--naive-items", str(min(n, 40))]
         runs = [sub(common) for _ in range(repeats)]
-        fast = best([sub(common + ["--preprocess", "fast"])]) if fast_ok else None
+        fast = best([sub(common + ["--preprocess", "fast"])]) \
+            if fast_ok and stage in FAST_STAGES else None
         before = _before(stage)
         res["host"][stage] = host_figures(stage, best(runs), before, fast)
     n = SIZES["clip_grid"][q]
@@ -117,6 +119,8 @@ def main() -> None:
     res["model_bound"] = sub(["bench_model.py", "--images", "16" if args.quick else "48"])
     mb = res["model_bound"]
     mb["ratio"] = fig(mb["stage_img_s"] / mb["forward_img_s"], "x", 0.95, "higher", 1.0)
+    res["preprocess"] = sub(["bench_preprocess.py", *(["--images", "12", "--feature-images",
+                             "2", "--sam2-images", "1"] if args.quick else [])])
     res["io"] = sub(["bench_io.py", "--items", "500" if args.quick else "2000",
                      "--dvc-items", "2000" if args.quick else "20000"], timeout=1200)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -169,6 +173,8 @@ def markdown(res: dict) -> str:
                 lines.append("| " + " | ".join([f"{stage} {key}", *_cell(h[key])]) + " |")
     lines.append("| " + " | ".join(["memory main_growth_4x",
                                      *_cell(res["memory"]["main_growth_4x"])]) + " |")
+    lines.append("| " + " | ".join(["preprocess fast host (640x480)",
+                                     *_cell(res["preprocess"]["fast_host_ms"])]) + " |")
     lines.append("| " + " | ".join(["model_bound stage/forward",
                                      *_cell(res["model_bound"]["ratio"])]) + " |")
     lines += ["", "| phase (ms per item) | " + " | ".join(res["host"]) + " |",
