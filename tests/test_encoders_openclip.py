@@ -17,6 +17,7 @@ from featcache.config import ParamError
 from featcache.encoders import (TINY_OPENCLIP, TINY_SIGLIP, Preprocessor, load_encoder,
                                 register_tiny_models, resolve_spec)
 from featcache.encoders.weights import sha256_path
+from featcache.provenance import encoder_facts
 
 
 def upstream_model(name: str, seed: int) -> torch.nn.Module:
@@ -178,11 +179,12 @@ def test_random_weights_are_seeded_and_warned(caplog):
 
 def test_provenance_is_json_able():
     enc = load_encoder(resolve_spec("open_clip", TINY_OPENCLIP, weights="random"))
-    prov = json.loads(json.dumps(enc.provenance()))
+    facts = encoder_facts(enc)
+    prov = json.loads(json.dumps({**facts, "preprocessing": facts["preprocessing"].to_dict()}))
     assert prov["model"] == TINY_OPENCLIP and prov["family"] == "open_clip"
     assert prov["weights_id"] == "random(seed=0)"
     assert prov["preprocessing"]["input_size"] == [224, 224]
-    assert "open_clip_torch" in prov["library_versions"] and "ln_post" in prov["notes"]
+    assert prov["library"] == "open_clip_torch" and "ln_post" in prov["notes"]
 
 
 def test_image_size_override():

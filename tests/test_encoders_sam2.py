@@ -99,7 +99,7 @@ def test_1024_shapes_with_random_weights():
         out = enc(torch.randn(1, 3, 1024, 1024))
     assert out.levels["P4_S16"].shape == (1, 256, 64, 64)
     assert out.levels["P5_S32"].shape == (1, 256, 32, 32)
-    assert enc.weights_id == "random(seed=0)" and "backbone_fpn" in enc.provenance()["notes"]
+    assert enc.weights_id == "random(seed=0)" and "backbone_fpn" in enc.notes
 
 
 def test_random_weights_are_seeded():

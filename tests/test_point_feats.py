@@ -24,9 +24,10 @@ from featcache.encoders.base import EncoderSpec
 from featcache.engine import EngineParams, run_job
 from featcache.engine.shards import read_index
 from featcache.engine.types import Failure, Piece
-from featcache.stages.sample_point_feats import (GridError, PointFeatsJob, PointFeatsParams, grid_records,
-                                   normalise_coords, sample_map, sample_point_feats,
-                                   sample_point_features, tokens_to_map)
+from featcache.provenance import GridProvenance
+from featcache.stages._point_sampling import (GridError, normalise_coords, sample_map,
+                                              sample_point_features, tokens_to_map)
+from featcache.stages.sample_point_feats import PointFeatsJob, PointFeatsParams, grid_records, sample_point_feats
 from featcache.reader import open_features
 
 G, R = 4, 2              # token grid 4x4, PixelShuffle x2 -> 8x8 map with 2 channels
@@ -153,9 +154,12 @@ def write_output(out: Path, records: dict[str, dict[str, np.ndarray]], provenanc
 
 
 def grid_provenance(resize: str, array_layout: str = "tokens") -> dict:
-    """What sample_point_feats reads of extract_clip_grid's provenance (featcache.stages._grids)."""
-    return {"model": "tiny", "weights": "random", "grid": G, "key_rule": "image_id",
-            "array_layout": array_layout, "preprocessing": spec(resize).to_dict()}
+    """An extract_clip_grid provenance (featcache.stages._grids) of a grid made with ``spec``."""
+    return GridProvenance(
+        model="tiny", family="open_clip", weights="random", weights_id="random(seed=0)",
+        preprocessing=spec(resize), compute_precision="fp32", grid=G, native_grid=G,
+        array_layout=array_layout, split="scene", images="color", key_rule="image_id",
+        background=(255, 255, 255), precision="fp32").to_dict()
 
 
 def write_grids(clip_grid: Path, scene: str, frames: dict[str, np.ndarray], resize: str,

@@ -31,6 +31,7 @@ from featcache.encoders import TINY_DINOV2, TINY_OPENCLIP, TINY_SIGLIP
 from featcache.engine import (EngineParams, Piece, WriterOptions, finish_stage, run_job)
 from featcache.engine.shards import INDEX_NAME, SHARDS_DIR, ShardReader, read_index
 from featcache.datasets.images import list_images
+from featcache.provenance import Sam2Provenance
 from featcache.stages.sample_point_feats import PointFeatsParams, sample_point_feats
 from featcache.sample import generate_sample
 from featcache.stages.extract_siglip import SiglipParams, extract_siglip
@@ -64,12 +65,13 @@ class FakeSam2Job:
 
 def write_fake_sam2(images: Path, out: Path) -> None:
     spec = tiny_spec("sam2")
-    prov = {"model": spec.name, "family": "sam2", "weights": "random",
-            "weights_id": "random(seed=0)", "preprocessing": spec.to_dict(), "dtype": "fp16",
-            "images": images.as_posix()}
+    prov = Sam2Provenance(model=spec.name, family="sam2", weights="random",
+                          weights_id="random(seed=0)", preprocessing=spec,
+                          compute_precision="fp32", config=spec.name,
+                          images=images.as_posix())
     params = EngineParams(num_workers=0, metrics="metrics/extract_sam2.json")
     result = run_job(FakeSam2Job(images), None, stage="extract_sam2", out=out,
-                     writer_options=WriterOptions(dtype="fp16"), provenance=prov,
+                     writer_options=WriterOptions(dtype="fp16"), provenance=prov.to_dict(),
                      fingerprint={}, params=params)
     finish_stage("extract_sam2", out, [result], params)
 

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from featcache.engine.shards import SHARDS_DIR, ShardReader, read_index
+from featcache.provenance import OutputProvenance
 
 _HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 KNOWN_NPZ_SUFFIXES = ("_features", "_edges")  # extract_sam2, edge_maps_methodB
@@ -204,8 +205,9 @@ class FeatureStore(Mapping):
     def _npz_suffix(self, suffix: str | None) -> str:
         if suffix is not None:
             return suffix
-        if "suffix" in self.provenance:
-            return str(self.provenance["suffix"])
+        recorded = OutputProvenance.from_dict(self.provenance).suffix
+        if recorded is not None:
+            return recorded
         stems = [p.name[:-len(".npz")] for p in _npz_files(self.path)]
         known = [s for s in KNOWN_NPZ_SUFFIXES if all(stem.endswith(s) for stem in stems)]
         return known[0] if known else ""

@@ -16,12 +16,12 @@ and wrapped in an :class:`Encoder` whose ``forward`` maps a batch of preprocesse
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import torch
-
-from featcache.provenance import library_versions
 
 Family = Literal["open_clip", "dinov2", "sam2"]
 ResizeMode = Literal["shortest_crop", "squash"]
@@ -61,10 +61,59 @@ class EncoderSpec:
         return {k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(self).items()}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EncoderSpec:
+        """The spec :meth:`to_dict` wrote (a provenance's ``preprocessing``). ``ValueError``
+        names the first key that is missing, of the wrong type, or unknown (a spec field this
+        version does not know describes preprocessing it cannot redo); ``TypeError`` when
+        ``data`` is not a mapping."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"encoder spec: expected a mapping, got {type(data).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"encoder spec: unknown key {unknown[0]!r}")
+        values = {}
+        for name, f in known.items():
+            if name not in data:
+                if f.default is dataclasses.MISSING:
+                    raise ValueError(f"encoder spec: missing key {name!r}")
+                continue
+            values[name] = _spec_value(name, data[name])
+        return cls(**values)
+
     @property
     def grid_size(self) -> tuple[int, int]:
         """``(h, w)`` of ``EncoderOutput.grid`` for this input size."""
         return self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size
+
+
+# EncoderSpec fields: tuples (length, item type), and the Literal types of the named strings
+_SPEC_TUPLES = {"input_size": (2, int), "mean": (3, float), "std": (3, float)}
+_SPEC_CHOICES = {"family": Family, "resize": ResizeMode, "interpolation": Interpolation}
+_SPEC_INTS = ("patch_size", "layer", "seed")
+
+
+def _spec_value(name: str, value: Any) -> Any:
+    """One :class:`EncoderSpec` field read from JSON (lists become tuples), type-checked."""
+    def number(v: Any, kind: type) -> bool:
+        return isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool)
+
+    if name in _SPEC_TUPLES:
+        n, kind = _SPEC_TUPLES[name]
+        if not (isinstance(value, (list, tuple)) and len(value) == n
+                and all(number(v, kind) for v in value)):
+            raise ValueError(f"encoder spec: key {name!r} is {value!r}, expected {n} "
+                             f"{kind.__name__}s")
+        return tuple(value)
+    if name in _SPEC_CHOICES and value not in typing.get_args(_SPEC_CHOICES[name]):
+        raise ValueError(f"encoder spec: key {name!r} is {value!r}, expected one of "
+                         f"{list(typing.get_args(_SPEC_CHOICES[name]))}")
+    if name in _SPEC_INTS and not number(value, int):
+        raise ValueError(f"encoder spec: key {name!r} is {value!r}, expected an int")
+    if name in ("name", "weights") and not isinstance(value, str):
+        raise ValueError(f"encoder spec: key {name!r} is {value!r}, expected a string")
+    return value
 
 
 @dataclass
@@ -77,7 +126,8 @@ class EncoderOutput:
 
 
 class Encoder(torch.nn.Module):
-    """Base of every family wrapper: holds the spec, the weights identity and provenance.
+    """Base of every family wrapper: holds the spec and the weights identity (what its
+    outputs record: :func:`featcache.provenance.encoder_facts`).
 
     Subclasses implement :meth:`forward` and set :attr:`notes` (what the features are, in
     words) and :attr:`upstream` (the upstream package that defines the model).
@@ -93,20 +143,6 @@ class Encoder(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def provenance(self) -> dict[str, Any]:
-        """What made these features: model, family, weights and their identity, the
-        preprocessing (the full spec), library versions and notes. JSON-able."""
-        return {
-            "model": self.spec.name,
-            "family": self.spec.family,
-            "weights": self.spec.weights,
-            "weights_id": self.weights_id,
-            "preprocessing": self.spec.to_dict(),
-            "library": self.upstream,
-            "library_versions": library_versions(),
-            "notes": self.notes,
-        }
 
 
 def finish_module(module: M, device: torch.device | str) -> M:

@@ -60,6 +60,7 @@ from featcache.engine.atomic import write_text
 from featcache.engine.distributed import init_distributed, rank_device
 from featcache.engine.inference import autocast_for, resolve_precision, to_storage
 from featcache.engine.types import Failure, ModelParams, Piece, Precision, RunResult
+from featcache.provenance import GridProvenance, encoder_facts, library_versions
 
 if TYPE_CHECKING:
     import torch
@@ -389,7 +390,8 @@ def run_split(plan: GridPlan, params: GridParams, split: str, folder: Path, path
     result = run_job(job, compute, stage=plan.stage, out=out, writer=params.layout,
                      writer_options=WriterOptions(dtype=params.dtype,
                                                   compression=params.compression),
-                     provenance=prov, fingerprint=method_identity(prov), params=params,
+                     provenance=prov.to_dict(), fingerprint=method_identity(prov),
+                     params=params,
                      device=compute.device, item_bytes=compute.item_bytes(params.dtype))
     log.info("%s %s: %d images, %d computed, %d reused, %d written, %d failed", plan.stage,
              split, result.items, result.computed, result.reused, result.records,
@@ -399,30 +401,32 @@ def run_split(plan: GridPlan, params: GridParams, split: str, folder: Path, path
     return result
 
 
-def method_identity(provenance: dict[str, Any]) -> dict[str, Any]:
+def method_identity(provenance: GridProvenance) -> dict[str, Any]:
     """What a grid depends on besides its image: the provenance without the split's name and
     folder (they choose the images; each image's content signature stands for it), so a split
-    moved or renamed reuses its shards."""
-    return {k: v for k, v in provenance.items() if k not in ("split", "images")}
+    moved or renamed reuses its shards; and the library versions (a new library version
+    recomputes the grids)."""
+    kept = {k: v for k, v in provenance.to_dict().items() if k not in ("split", "images")}
+    return {**kept, "library_versions": library_versions()}
 
 
 def grid_provenance(plan: GridPlan, params: GridParams, split: str, folder: Path, rule: KeyRule,
-                    encoder: Encoder) -> dict[str, Any]:
+                    encoder: Encoder) -> GridProvenance:
     """Provenance of one split's output: the encoder's own (model, weights, weights_id,
     preprocessing = the full spec) plus the grid, layout, key rule and alpha handling."""
     shape = "(g*g, C)" if plan.array_layout == "tokens" else "(C, g, g)"
     native = plan.spec.grid_size[0]
-    return {
-        **encoder.provenance(), "grid": plan.grid, "native_grid": native,
-        "pooling": "none" if plan.grid == native else
+    return GridProvenance(
+        **encoder_facts(encoder), grid=plan.grid, native_grid=native,
+        pooling="none" if plan.grid == native else
         f"avg_pool2d kernel {native // plan.grid} (non-overlapping blocks)",
-        "array_layout": plan.array_layout, "array_shape": shape, "split": split,
-        "images": folder.as_posix(), "key_rule": rule, "background": list(params.background),
-        "alpha": "composited over background before encoding; mask = alpha averaged per cell",
-        "precision": params.precision,
-        "compute_precision": _compute_precision(encoder, params.precision),
-        "host_path": HOST_PATH,
-    }
+        array_layout=plan.array_layout, array_shape=shape, split=split,
+        images=folder.as_posix(), key_rule=rule, background=tuple(params.background),
+        alpha="composited over background before encoding; mask = alpha averaged per cell",
+        precision=params.precision,
+        compute_precision=_compute_precision(encoder, params.precision),
+        host_path=HOST_PATH,
+    )
 
 
 HOST_PATH = ("workers: decode, resize, crop -> uint8; device: /255, normalise, forward, cast to "
@@ -446,14 +450,15 @@ def image_header(path: Path) -> dict[str, Any]:
         return {"width": width, "height": height, "source_mode": img.mode, "has_alpha": alpha}
 
 
-def write_meta_files(out: Path, job: GridJob, prov: dict[str, Any]) -> int:
+def write_meta_files(out: Path, job: GridJob, prov: GridProvenance) -> int:
     """``<out>/<stem>.json`` for every written image (the seed's ``--save_meta``): the image,
     its size and mode, the arrays' files and shape, the model and preprocessing."""
 
-    spec = prov["preprocessing"]
-    common = {k: prov[k] for k in ("model", "weights", "weights_id", "grid", "array_shape",
-                                   "background", "storage_dtype") if k in prov}
-    common.update(input_size=spec["input_size"], resize=spec["resize"])
+    common = {"model": prov.model, "weights": prov.weights, "weights_id": prov.weights_id,
+              "grid": prov.grid, "array_shape": prov.array_shape,
+              "background": list(prov.background),
+              "input_size": list(prov.preprocessing.input_size),
+              "resize": prov.preprocessing.resize}
     written = 0
     for name in job.names:
         key = job.keys[name]

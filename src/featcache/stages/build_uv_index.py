@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -57,8 +56,15 @@ from featcache.config import ParamError, require
 from featcache.datasets import geometry, scannet
 from featcache.datasets.frames import frame_key as _frame_key
 from featcache.datasets.frames import frame_number, parse_frame_key
+from featcache.datasets.scannet_frames import (
+    FrameData,
+    frame_stems,
+    load_points,
+    read_frame,
+)
 from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
+from featcache.provenance import UvIndexProvenance
 from featcache.reader import open_features
 
 log = logging.getLogger(__name__)
@@ -119,23 +125,6 @@ class UvIndexParams(EngineParams):
                 "must be a fraction of the image side in (0, 0.5), e.g. 0.05")
         for key in ("min_depth_agreement", "min_depth_in_image"):
             require(0 < getattr(self, key) <= 1, key, "must be a fraction in (0, 1]")
-
-
-@dataclass(frozen=True)
-class FrameData:
-    """One frame's inputs: pose ``(4,4)`` camera-to-world, ``K (3,3)`` colour and depth as
-    fitted to their images (:func:`featcache.datasets.scannet.fit_intrinsics`; ``scaled`` bit 1 colour,
-    bit 2 depth), colour ``size (W, H)``, ``depth (h,w) float32`` metres (0 = unknown);
-    ``notes``: the provenance notes of scaled intrinsics."""
-
-    stem: str
-    pose: np.ndarray
-    k_color: np.ndarray
-    k_depth: np.ndarray
-    size: tuple[int, int]
-    depth: np.ndarray
-    scaled: int = 0
-    notes: dict[str, object] | None = None
 
 
 def frame_key(scene: str, stem: str) -> str:
@@ -199,69 +188,6 @@ def index_frame(points: np.ndarray, frame: FrameData, params: UvIndexParams,
         "depth_in_image": np.array(in_image, dtype=np.float32),
         "nonfinite_points": np.array(int((~finite).sum()), dtype=np.int32),
     }
-
-
-def read_frame(scene_dir: Path, stem: str, depth_scale: float,
-               principal_point_tolerance: float = 0.05) -> FrameData:
-    """Read one frame, with both intrinsics fitted to their images (colour: the colour file's
-    display size; depth: the depth map's size; calibration sizes from ``<scene>.txt`` when it
-    has them); raises :class:`~featcache.datasets.scannet.ScanNetError` on bad input."""
-    paths = scannet.frame_paths(scene_dir, stem)
-    pose = scannet.read_pose(paths.pose)
-    depth = scannet.read_depth(paths.depth, depth_scale)
-    if not (depth > 0).any():
-        raise scannet.ScanNetError("empty_depth", f"{paths.depth.name}: depth map is all zero")
-    intrinsic = scene_dir / "intrinsic"
-    meta = scannet.read_scene_meta(scene_dir / f"{scene_dir.name}.txt")
-    size = scannet.read_image_size(paths.color)
-    depth_size = (int(depth.shape[1]), int(depth.shape[0]))
-    color = scannet.fit_intrinsics(scannet.read_intrinsics(intrinsic / "intrinsic_color.txt"),
-                                   size, "intrinsic_color.txt", principal_point_tolerance,
-                                   scannet.calibration_size(meta, "color"))
-    deep = scannet.fit_intrinsics(scannet.read_intrinsics(intrinsic / "intrinsic_depth.txt"),
-                                  depth_size, "intrinsic_depth.txt", principal_point_tolerance,
-                                  scannet.calibration_size(meta, "depth"))
-    notes = {name: note for name, note in (("color", color.note(size)),
-                                           ("depth", deep.note(depth_size))) if note}
-    scaled = (color.scaled_from is not None) + 2 * (deep.scaled_from is not None)
-    return FrameData(stem=stem, pose=pose, k_color=color.k, k_depth=deep.k, size=size,
-                     depth=depth, scaled=scaled, notes=notes or None)
-
-
-def frame_stems(scene_dir: Path) -> dict[int, str]:
-    """``frame index -> file stem`` ("3", or "000003" in zero-padded exports) of a scene,
-    listed once per change of its folders (the smallest stem wins if two spell one index)."""
-    stamp = tuple(_mtime_ns(scene_dir / sub) for sub in ("color", "depth", "pose"))
-    return _cached_stems(str(scene_dir), stamp)
-
-
-def _mtime_ns(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return -1
-
-
-@lru_cache(maxsize=64)
-def _cached_stems(scene_dir: str, stamp: tuple[int, ...]) -> dict[int, str]:
-    stems: dict[int, str] = {}
-    for stem in scannet.list_frame_stems(Path(scene_dir)):   # numeric order, "3" before "003"
-        stems.setdefault(frame_number(stem), stem)
-    return stems
-
-
-@lru_cache(maxsize=2)
-def _cached_points(path: str, mtime_ns: int) -> np.ndarray:
-    points = scannet.read_point_cloud(Path(path))
-    points.setflags(write=False)
-    return points
-
-
-def load_points(path: Path) -> np.ndarray:
-    """A scene's point cloud ``(N,3)`` float32 (read-only), cached per worker process."""
-    if not path.is_file():
-        raise scannet.ScanNetError("missing_file", f"point cloud not found: {path}")
-    return _cached_points(str(path), path.stat().st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -446,11 +372,12 @@ def build_uv_index(params: UvIndexParams) -> RunResult:
             log.error("%s %s: %s", STAGE, scene, note["error"])
         else:
             log.warning("%s %s: intrinsics scaled to the image size: %s", STAGE, scene, note)
-    provenance = {"params": method_params(params), "conventions": geometry.__doc__,
-                  "intrinsics": intrinsics}
+    provenance = UvIndexProvenance(params=method_params(params), conventions=geometry.__doc__,
+                                   intrinsics=intrinsics)
     result = run_job(job, None, stage=STAGE, out=params.out, writer=params.layout,
                      writer_options=WriterOptions(compression=params.compression),
-                     provenance=provenance, fingerprint={"params": fingerprint_params(params)},
+                     provenance=provenance.to_dict(),
+                     fingerprint={"params": fingerprint_params(params)},
                      params=params, item_bytes=ASSUMED_POINTS_PER_SCENE * BYTES_PER_POINT)
     if not result.finalized:   # compute-only run (shard range): no output to summarise yet
         finish_stage(STAGE, params.out, [result], params)

@@ -37,6 +37,7 @@ from featcache.datasets.sa1b import (
 )
 from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
+from featcache.provenance import EdgeProvenance
 
 log = logging.getLogger(__name__)
 
@@ -197,16 +198,16 @@ def edge_item_bytes(params: EdgeParams) -> int:
     return sum(s * s for s in params.sizes)
 
 
-def edge_provenance(params: EdgeParams) -> dict[str, object]:
+def edge_provenance(params: EdgeParams) -> EdgeProvenance:
     """What the edge maps depend on, stored in the output's provenance."""
-    return {
-        "method": "B", "edge_version": EDGE_VERSION, "sa1b": params.sa1b,
-        "kernel_size": params.kernel_size, "sizes": list(params.sizes),
-        "compression": params.compression,
-        "edge": "OR over instances of cv2.morphologyEx(mask, MORPH_GRADIENT, "
-                "ones((kernel_size, kernel_size), uint8)) > 0",
-        "resize": "cv2.resize(edge.astype(float32), (s, s), INTER_AREA) > 0 -> uint8",
-    }
+    return EdgeProvenance(
+        method="B", edge_version=EDGE_VERSION, sa1b=params.sa1b,
+        kernel_size=params.kernel_size, sizes=tuple(params.sizes),
+        compression=params.compression,
+        edge="OR over instances of cv2.morphologyEx(mask, MORPH_GRADIENT, "
+             "ones((kernel_size, kernel_size), uint8)) > 0",
+        resize="cv2.resize(edge.astype(float32), (s, s), INTER_AREA) > 0 -> uint8",
+    )
 
 
 def run_edge_maps(params: EdgeParams) -> RunResult:
@@ -226,7 +227,8 @@ def run_edge_maps(params: EdgeParams) -> RunResult:
     result = run_job(job, None, stage=STAGE, out=params.out, writer=params.layout,
                      writer_options=WriterOptions(compression=params.compression,
                                                   suffix=OUTPUT_SUFFIX),
-                     provenance=edge_provenance(params), fingerprint={"params": method},
+                     provenance=edge_provenance(params).to_dict(),
+                     fingerprint={"params": method},
                      params=params, item_bytes=edge_item_bytes(params))
     log.info("%s: %d images, %d computed, %d reused, %d written, %d failed", STAGE,
              result.items, result.computed, result.reused, result.records, result.failed)

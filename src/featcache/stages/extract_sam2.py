@@ -46,6 +46,7 @@ from featcache.engine import WriterOptions, file_signature, finish_stage, run_jo
 from featcache.engine.distributed import init_distributed, rank_device
 from featcache.engine.inference import autocast_for, resolve_precision, to_storage
 from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult
+from featcache.provenance import Sam2Provenance, encoder_facts
 
 if TYPE_CHECKING:
     import torch
@@ -194,8 +195,9 @@ def sam2_item_bytes(size: int, dtype: str) -> int:
     return 256 * ((size // 16) ** 2 + (size // 32) ** 2) * itemsize
 
 
-def sam2_provenance(encoder: Encoder, params: Sam2Params, precision: str) -> dict[str, Any]:
-    """The output's provenance: the encoder's, plus what each stored key is."""
+def sam2_provenance(encoder: Encoder, params: Sam2Params, precision: str) -> Sam2Provenance:
+    """The output's provenance: the encoder's, plus what each stored key is (the storage
+    dtype is the engine's ``storage_dtype``, as in every output)."""
     keys = {
         "P4_S16": "image_encoder(x)['backbone_fpn'][2], (256, S/16, S/16); read this one",
         "P5_S32": "image_encoder(x)['backbone_fpn'][3], (256, S/32, S/32), built with scalp=0",
@@ -204,15 +206,15 @@ def sam2_provenance(encoder: Encoder, params: Sam2Params, precision: str) -> dic
     if params.layout == "npz":
         keys["IMAGE_EMB_S16"] = ("npz files only: a byte copy of P4_S16 (the seed's "
                                  "compatibility key); not stored in the shards")
-    return {
-        **encoder.provenance(),
-        "config": params.config, "images": params.images, "dtype": params.dtype,
-        "compute_precision": precision, "keys": keys,
-        "raw_levels": "raw backbone_fpn levels: SAM2's conv_s0/conv_s1 (mask decoder) and "
-                      "no_mem_embed are NOT applied",
-        "input": "load_image RGB (EXIF applied, alpha ignored), squashed to S x S "
-                 "as SAM2Transforms (bilinear, antialiased), ImageNet mean/std",
-    }
+    return Sam2Provenance(
+        **encoder_facts(encoder),
+        config=params.config, images=params.images,
+        compute_precision=precision, keys=keys,
+        raw_levels="raw backbone_fpn levels: SAM2's conv_s0/conv_s1 (mask decoder) and "
+                   "no_mem_embed are NOT applied",
+        input="load_image RGB (EXIF applied, alpha ignored), squashed to S x S "
+              "as SAM2Transforms (bilinear, antialiased), ImageNet mean/std",
+    )
 
 
 def sam2_fingerprint(params: Sam2Params, encoder: Encoder, precision: str) -> dict[str, Any]:
@@ -248,7 +250,7 @@ def extract_sam2(shared: SharedParams, params: Sam2Params) -> RunResult:
     options = WriterOptions(dtype=params.dtype, suffix=OUTPUT_SUFFIX, aliases=NPZ_ALIASES)
     result = run_job(job, Sam2Compute(encoder, device, precision, params.dtype), stage=STAGE,
                      out=params.out, writer=params.layout, writer_options=options,
-                     provenance=sam2_provenance(encoder, params, precision),
+                     provenance=sam2_provenance(encoder, params, precision).to_dict(),
                      fingerprint=sam2_fingerprint(params, encoder, precision),
                      params=params, device=device,
                      item_bytes=sam2_item_bytes(spec.input_size[0], params.dtype))

@@ -54,6 +54,7 @@ from featcache.engine.distributed import init_distributed, rank_device
 from featcache.engine.inference import autocast_for, resolve_precision, to_storage
 from featcache.engine.shards import SHARDS_DIR, read_index
 from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult
+from featcache.provenance import CropSettings, SiglipProvenance, encoder_facts
 
 if TYPE_CHECKING:
     import torch
@@ -99,16 +100,6 @@ class SiglipParams(ModelParams):
         require(len(self.fill) == 3 and all(0 <= v <= 255 for v in self.fill), "fill",
                 f"must be an RGB triple of integers in 0..255, got {list(self.fill)}")
         require(self.min_crop >= 1, "min_crop", f"must be >= 1 pixel, got {self.min_crop}")
-
-
-@dataclass(frozen=True)
-class CropSettings:
-    """How a segment becomes a crop (see the module docstring)."""
-
-    bg_alpha: float
-    pad_ratio: float
-    fill: tuple[int, int, int]
-    min_crop: int
 
 
 def mask_bbox(mask: np.ndarray) -> Box | None:
@@ -289,20 +280,24 @@ def build_siglip_job(params: SiglipParams, spec: EncoderSpec) -> SiglipJob:
         raise ParamError(f"{STAGE}.coco: {e} (split {params.split!r})") from None
     if not split.entries:
         log.warning("%s: no annotations in %s", STAGE, split.json_path)
-    crop = CropSettings(params.bg_alpha, params.pad_ratio, tuple(params.fill), params.min_crop)
-    return SiglipJob(split, Preprocessor(spec), crop)
+    return SiglipJob(split, Preprocessor(spec), crop_settings(params))
 
 
-def siglip_provenance(params: SiglipParams, encoder: Encoder) -> dict[str, Any]:
+def crop_settings(params: SiglipParams) -> CropSettings:
+    """The crop settings of the params (what the job uses and the provenance records)."""
+    return CropSettings(params.bg_alpha, params.pad_ratio, tuple(params.fill), params.min_crop)
+
+
+def siglip_provenance(params: SiglipParams, encoder: Encoder) -> SiglipProvenance:
     """What the embeddings depend on (HDF5 attributes or ``provenance.json``)."""
 
-    crop = {k: getattr(params, k) for k in ("bg_alpha", "pad_ratio", "fill", "min_crop")}
-    return {**encoder.provenance(), "coco": params.coco, "split": params.split,
-            "crop": {**crop, "fill": list(params.fill)}, "key": "<image_id:012d>_<segment_id>",
-            "embedding": "encode_image of the blended, padded segment crop, L2-normalised",
-            "png_ids": "R + 256*G + 256^2*B",
-            "compute_precision": resolve_precision(next(encoder.parameters()).device,
-                                                   params.precision)}
+    return SiglipProvenance(
+        **encoder_facts(encoder), coco=params.coco, split=params.split,
+        crop=crop_settings(params), key="<image_id:012d>_<segment_id>",
+        embedding="encode_image of the blended, padded segment crop, L2-normalised",
+        png_ids="R + 256*G + 256^2*B",
+        compute_precision=resolve_precision(next(encoder.parameters()).device,
+                                            params.precision))
 
 
 def method_params(params: SiglipParams) -> dict[str, Any]:
@@ -356,7 +351,8 @@ def extract_siglip(shared: SharedParams, params: SiglipParams) -> RunResult:
     # items' content signatures stand for them, so a moved dataset reuses its shards
     method = {k: v for k, v in method_params(params).items() if k not in ("coco", "split", "out")}
     fingerprint = {"params": method, "spec": spec.to_dict(), "weights_id": encoder.weights_id}
-    result = run_siglip(job, compute, params, siglip_provenance(params, encoder), fingerprint)
+    result = run_siglip(job, compute, params, siglip_provenance(params, encoder).to_dict(),
+                        fingerprint)
     if init_distributed().is_main:  # other ranks hold no assembled counts
         log.info("%s: %d images, %d embeddings, %d images with failures", STAGE,
                  result.items, result.records, result.failed)

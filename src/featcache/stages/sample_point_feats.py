@@ -28,31 +28,34 @@ are not applied here.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 import h5py
 import numpy as np
-import torch
 
 from featcache.config import ParamError, require
 from featcache.datasets.frames import frame_number, parse_frame_key
 from featcache.encoders.base import EncoderSpec
-from featcache.encoders.preprocess import Preprocessor
 from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
 from featcache.engine.shards import INDEX_NAME, SHARDS_DIR, ShardReader, read_index
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
+from featcache.provenance import (
+    GridProvenance,
+    GridSource,
+    PointFeatsProvenance,
+    ProvenanceError,
+)
 from featcache.reader import FeatureStore, open_features
-
-if TYPE_CHECKING:
-    import torch
-
-    from featcache.encoders.base import EncoderSpec
+from featcache.stages._point_sampling import (
+    GridError,
+    grid_tokens,
+    sample_point_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +64,6 @@ GRID_FIELD = "grids"   # extract_clip_grid's field (dataset ``{key}_grids`` in i
 # Shard size from params only: a ScanNet-sized cloud and a ViT-B/16 grid width are assumed.
 ASSUMED_POINTS = 150_000
 ASSUMED_WIDTH = 768
-
-
-class GridError(ValueError):
-    """A missing or unusable CLIP grid; ``code`` names the failure in ``failures.tsv``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,84 +84,6 @@ class PointFeatsParams(EngineParams):
         super().validate()
         require(self.upscale >= 1, "upscale", f"must be >= 1 (1 = no PixelShuffle), "
                 f"got {self.upscale}")
-
-
-def tokens_to_map(tokens: np.ndarray, upscale: int) -> torch.Tensor:
-    """``(g*g, width)`` row-major tokens -> ``PixelShuffle(upscale)`` map
-    ``(width / upscale², g*upscale, g*upscale)`` float32."""
-
-    n, width = tokens.shape
-    side = math.isqrt(n)
-    if side * side != n:
-        raise GridError("bad_grid", f"{n} tokens do not form a square grid")
-    if width % (upscale * upscale):
-        raise GridError("bad_grid", f"width {width} is not divisible by upscale² = {upscale**2}")
-    grid = torch.from_numpy(np.asarray(tokens, dtype=np.float32)).T.reshape(width, side, side)
-    return torch.nn.functional.pixel_shuffle(grid[None], upscale)[0]
-
-
-def spec_from_provenance(provenance: dict[str, Any]) -> EncoderSpec:
-    """The :class:`EncoderSpec` recorded in a grid output's ``preprocessing`` provenance entry."""
-
-    pre = provenance.get("preprocessing")
-    if not isinstance(pre, dict):
-        raise GridError("bad_provenance", "grid provenance has no 'preprocessing' entry")
-    names = {f.name for f in dataclasses.fields(EncoderSpec)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in pre.items() if k in names}
-    try:
-        return EncoderSpec(**values)
-    except TypeError as e:
-        raise GridError("bad_provenance", f"preprocessing entry incomplete: {e}") from None
-
-
-def input_coords(uv: np.ndarray, image_size: tuple[int, int], spec: EncoderSpec) -> np.ndarray:
-    """Colour-image pixels ``(N,2)`` (x, y; centres at integers) of a ``(W, H)`` image ->
-    model-input pixels ``(N,2)`` float64, same convention, via the encoder's resize geometry."""
-
-    width, height = image_size
-    geo = Preprocessor(spec).geometry(height, width)
-    x_in, y_in = geo.to_input(uv[:, 0].astype(np.float64), uv[:, 1].astype(np.float64))
-    return np.stack([x_in, y_in], axis=1)
-
-
-def normalise_coords(xy_in: np.ndarray, input_size: tuple[int, int]) -> tuple[np.ndarray,
-                                                                              np.ndarray]:
-    """Model-input pixels ``(N,2)`` (x, y) of an ``(H_in, W_in)`` input -> ``grid_sample``
-    coordinates ``(N,2)`` in [-1, 1] (``align_corners=False``) and ``(N,)`` bool: inside the
-    input, i.e. ``-0.5 <= x_in <= W_in - 0.5`` (pixel edges), same for y."""
-    h_in, w_in = input_size
-    extent = np.array([w_in, h_in], dtype=np.float64)
-    norm = (xy_in + 0.5) / extent * 2 - 1
-    inside = np.isfinite(norm).all(1) & (np.abs(norm) <= 1 + 1e-9).all(1)
-    return norm, inside
-
-
-def sample_map(feature_map: torch.Tensor, coords: np.ndarray) -> np.ndarray:
-    """Bilinear samples of a ``(C, h, w)`` map at ``grid_sample`` coords ``(N,2)`` (x, y in
-    [-1, 1], ``align_corners=False``; border padding so the outer half cell is not blended
-    with zeros) -> ``(N, C)`` float32."""
-
-    grid = torch.from_numpy(np.asarray(coords, dtype=np.float32)).view(1, 1, -1, 2)
-    out = torch.nn.functional.grid_sample(feature_map[None].float(), grid, mode="bilinear",
-                                          padding_mode="border", align_corners=False)
-    return out[0, :, 0, :].T.contiguous().numpy()
-
-
-def sample_point_features(tokens: np.ndarray, uv: np.ndarray, valid: np.ndarray,
-                          image_size: tuple[int, int], spec: EncoderSpec, upscale: int,
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Features of N points in one frame: ``(pts_feat (N, C) float16, valid (N,) bool)``.
-
-    ``tokens (g*g, width)`` is the frame's grid, ``uv (N,2)`` colour pixels (centres at
-    integers) of an image of ``image_size = (W, H)``, ``valid (N,)`` the uv index's mask.
-    """
-    feature_map = tokens_to_map(tokens, upscale)
-    coords, inside = normalise_coords(input_coords(uv, image_size, spec), spec.input_size)
-    keep = np.asarray(valid, dtype=bool) & inside
-    feats = np.zeros((len(uv), feature_map.shape[0]), dtype=np.float16)
-    if keep.any():
-        feats[keep] = sample_map(feature_map, coords[keep]).astype(np.float16)
-    return feats, keep
 
 
 def grid_source(clip_grid: Path, scene: str) -> Path | None:
@@ -265,15 +182,13 @@ def open_store(path: Path, field: str | None = None) -> FeatureStore:
     return _store(str(path), field, _stamp(path))
 
 
-def grid_tokens(grid: np.ndarray) -> np.ndarray:
-    """A stored grid as ``(g*g, width)`` row-major tokens: the ``tokens`` array layout as is,
-    the ``chw`` layout ``(width, g, g)`` transposed (see :mod:`featcache.stages._grids`)."""
-    if grid.ndim == 2:
-        return grid
-    if grid.ndim == 3:
-        return grid.reshape(grid.shape[0], -1).T
-    raise GridError("bad_grid", f"grid of shape {grid.shape}: expected (g*g, width) tokens "
-                                "or (width, g, g)")
+def grid_provenance(store: FeatureStore) -> GridProvenance:
+    """A grid store's provenance, typed; :class:`GridError` ``bad_provenance`` naming the key
+    when it is not an extract_clip_grid provenance."""
+    try:
+        return GridProvenance.from_dict(store.provenance)
+    except ProvenanceError as e:
+        raise GridError("bad_provenance", f"{store.path}: {e}") from None
 
 
 def read_grid(clip_grid: Path, scene: str, index: int) -> tuple[np.ndarray, EncoderSpec]:
@@ -293,7 +208,7 @@ def read_grid(clip_grid: Path, scene: str, index: int) -> tuple[np.ndarray, Enco
         if isinstance(e, GridError):
             raise
         raise GridError("bad_grid", f"{source}: {type(e).__name__}: {e}") from None
-    return tokens, spec_from_provenance(store.provenance)
+    return tokens, grid_provenance(store).preprocessing
 
 
 @dataclass(frozen=True)
@@ -342,23 +257,20 @@ class PointFeatsJob:
         return [Piece(key=item, arrays=arrays)]
 
 
-def grid_sources(params: PointFeatsParams, items: list[str]) -> dict[str, Any]:
+def grid_sources(params: PointFeatsParams, items: list[str]) -> dict[str, GridSource]:
     """Per scene, what made its CLIP grids (model, weights identity, preprocessing, grid), read
     from the grid output's provenance, so the point features record their origin."""
-    keep = ("model", "weights", "weights_id", "preprocessing", "grid", "array_layout",
-            "key_rule", "code_version")
-    sources: dict[str, Any] = {}
+    sources: dict[str, GridSource] = {}
     for scene in sorted({item.split("/")[0] for item in items}):
         source = grid_source(Path(params.clip_grid), scene)
         if source is None:
             continue
         try:
-            prov = open_store(source, GRID_FIELD).provenance
+            prov = grid_provenance(open_store(source, GRID_FIELD))
         except (OSError, KeyError, ValueError) as e:   # each frame reports it as a failure
             log.warning("%s: grids of %s unreadable: %s", STAGE, scene, e)
             continue
-        sources[scene] = {k: prov[k] for k in keep if k in prov}
-        sources[scene]["source"] = source.name
+        sources[scene] = GridSource.of(prov, source.name)
     return sources
 
 
@@ -391,7 +303,7 @@ def grid_width(source: Path) -> tuple[int, str] | None:
         if key is None:
             return None
         grid = store[key]
-        model = str(store.provenance.get("model", "?"))
+        model = grid_provenance(store).model
     except (OSError, KeyError, ValueError):   # each frame reports it as a failure
         return None
     return (int(grid.shape[1]) if grid.ndim == 2 else int(grid.shape[0])), model
@@ -433,11 +345,12 @@ def sample_point_feats(params: PointFeatsParams) -> RunResult:
 
     check_inputs(params)
     job = PointFeatsJob(params)
-    provenance = {"params": method_params(params), "notes": __doc__,
-                  "clip_grid": grid_sources(params, job.items())}
+    provenance = PointFeatsProvenance(params=method_params(params), notes=__doc__,
+                                      clip_grid=grid_sources(params, job.items()))
     result = run_job(job, None, stage=STAGE, out=params.out, writer=params.layout,
                      writer_options=WriterOptions(compression=params.compression),
-                     provenance=provenance, fingerprint={"params": fingerprint_params(params)},
+                     provenance=provenance.to_dict(),
+                     fingerprint={"params": fingerprint_params(params)},
                      params=params, item_bytes=item_bytes(params))
     if not result.finalized:   # compute-only run (shard range): no output to summarise yet
         finish_stage(STAGE, params.out, [result], params)

@@ -54,15 +54,26 @@ from featcache.config import SharedParams, StageError, require
 from featcache.encoders import resolve_device
 from featcache.encoders.registry import load_encoder
 from featcache.engine.atomic import write_text
+from featcache.provenance import GridProvenance
 from featcache.reader import FeatureStore
 from featcache.verify.checks import Report, problems_to
 from featcache.verify.expected import load_expectations
 from featcache.verify.grid_checks import check_grid_stage
-from featcache.verify.npz_checks import check_edges, check_point_feats, check_sam2, check_uv_index
-from featcache.verify.outputs import Expectation, OutputCount, check_params, check_records
-from featcache.verify.pictures import draw_pictures
+from featcache.verify.npz_checks import (
+    check_edges,
+    check_point_feats,
+    check_sam2,
+    check_uv_index,
+)
+from featcache.verify.outputs import (
+    Expectation,
+    OutputCount,
+    check_params,
+    check_records,
+)
+from featcache.verify.pictures import PictureInputs, draw_pictures
 from featcache.verify.siglip_checks import check_siglip
-from featcache.verify.spotcheck import spec_from_provenance, spot_check, spot_check_segments
+from featcache.verify.spotcheck import spot_check, spot_check_segments
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +166,7 @@ def verify(shared: SharedParams, params: VerifyParams,
     run_spot_checks(report, grids, shared, params)
     run_segment_spot_check(report, Path(params.siglip), shared, params)
     spotted = time.perf_counter()
-    pictures = draw_pictures(params, grids) if params.picture_items else []
+    pictures = draw_pictures(picture_inputs(params), grids) if params.picture_items else []
     write_report(Path(params.report), report, pictures)
     write_summaries(params, report, counts)
     log.info("%s: %d checks in %.1f s (+ %.1f s spot checks, %.1f s pictures); wrote %s and "
@@ -169,6 +180,13 @@ def verify(shared: SharedParams, params: VerifyParams,
         raise VerificationFailed(f"{len(report.failed)} of {len(report.checks)} checks failed: "
                                  f"{', '.join(report.failed)}; see {params.report}")
     return report
+
+
+def picture_inputs(params: VerifyParams) -> PictureInputs:
+    """The output folders the pictures are drawn from, and where they go."""
+    return PictureInputs(folder=Path(params.pictures), items=params.picture_items,
+                         edges=Path(params.edges), uv_index=Path(params.uv_index),
+                         point_feats=Path(params.point_feats), siglip=Path(params.siglip))
 
 
 def run_spot_checks(report: Report, grids: dict[str, list[FeatureStore]], shared: SharedParams,
@@ -186,7 +204,7 @@ def run_spot_checks(report: Report, grids: dict[str, list[FeatureStore]], shared
         for store in (s for s in stores if len(s)):
             name = store.path.name
             with problems_to(check, name):
-                spec = spec_from_provenance(store.provenance["preprocessing"])
+                spec = GridProvenance.from_dict(store.provenance).preprocessing
                 if spec not in encoders:
                     encoders[spec] = load_encoder(spec, device)
                 result = spot_check(store.path, params.spot_check, seed=shared.seed,

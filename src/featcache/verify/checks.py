@@ -11,13 +11,17 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from featcache.config import ParamError, SharedParams
 from featcache.encoders.dinov2 import CONFIGS
 from featcache.encoders.openclip import model_config
+from featcache.provenance import EncodedProvenance, OutputProvenance, ProvenanceError
+from featcache.reader import FeatureStore
+
+P = TypeVar("P", bound=OutputProvenance)
 
 LISTED = 5  # problems described per check in the report (all of them are counted)
 READ_ERRORS = (OSError, KeyError, ValueError, TypeError, IndexError, EOFError, zipfile.BadZipFile)
@@ -140,17 +144,27 @@ def model_dims(family: str, model: str) -> tuple[int | None, int | None]:
     return None, None
 
 
-def check_provenance(check: Check, where: str, prov: dict[str, Any], shared: SharedParams,
+def read_provenance(check: Check, where: str, store: FeatureStore, kind: type[P]) -> P | None:
+    """The store's provenance as ``kind``; None, and a problem of ``check`` naming the key,
+    when it is not one (a missing or mistyped key)."""
+    try:
+        return kind.from_dict(store.provenance)
+    except ProvenanceError as e:
+        check.items += 1
+        check.expect(False, f"{where}: {e}")
+        return None
+
+
+def check_provenance(check: Check, where: str, prov: EncodedProvenance, shared: SharedParams,
                      model: str | None = None) -> None:
     """Made with params.yaml's ``weights`` (and ``model`` when given), code version recorded."""
     check.items += 1
-    check.expect(prov.get("weights") == shared.weights,
-                 f"{where}: made with weights {prov.get('weights')!r}, params say "
-                 f"{shared.weights!r}")
+    check.expect(prov.weights == shared.weights,
+                 f"{where}: made with weights {prov.weights!r}, params say {shared.weights!r}")
     if model is not None:
-        check.expect(prov.get("model") == model,
-                     f"{where}: made with model {prov.get('model')!r}, params say {model!r}")
-    check.expect(bool(prov.get("code_version")), f"{where}: no code_version recorded")
+        check.expect(prov.model == model,
+                     f"{where}: made with model {prov.model!r}, params say {model!r}")
+    check.expect(bool(prov.code_version), f"{where}: no code_version recorded")
 
 
 def all_failed(rows: dict[str, set[str]]) -> set[str]:

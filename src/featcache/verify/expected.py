@@ -13,7 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from featcache.config import PARAMS_FILE, SharedParams, load_stage_params, read_params_file
+from featcache.config import (
+    PARAMS_FILE,
+    SharedParams,
+    load_stage_params,
+    read_params_file,
+)
 from featcache.encoders import weights as W
 from featcache.stages.build_uv_index import UvIndexParams
 from featcache.stages.edge_maps_methodB import EdgeParams
@@ -63,7 +68,8 @@ def made_with(kind: str, stage: str, shared: SharedParams, p: Any) -> dict[str, 
                 "layout": (f"{stage}.layout", "hdf5_packed" if p.layout == "hdf5" else p.layout),
                 **weights_identity(shared)}
     if kind == "sam2":
-        return {**own("config", "dtype"), **layout, **weights_identity(shared)}
+        return {**own("config"), "storage_dtype": (f"{stage}.dtype", p.dtype), **layout,
+                **weights_identity(shared)}
     if kind == "edges":
         return {**own("kernel_size", "sizes"), **layout}
     if kind == "uv_index":

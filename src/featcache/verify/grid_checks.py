@@ -8,6 +8,7 @@ import numpy as np
 
 from featcache.config import SharedParams
 from featcache.datasets.images import list_images
+from featcache.provenance import GridProvenance
 from featcache.reader import FeatureStore, open_features
 from featcache.stages._grids import image_key
 from featcache.verify.checks import (
@@ -19,8 +20,8 @@ from featcache.verify.checks import (
     model_dims,
     problems_to,
     read_failures,
+    read_provenance,
 )
-from featcache.verify.spotcheck import spec_from_provenance
 
 
 def grid_outputs(folder: Path) -> list[tuple[Path, str | None]]:
@@ -50,28 +51,30 @@ def check_grid_stage(report: Report, kind: str, folder: Path, shared: SharedPara
     for path, layout in paths:
         with problems_to(readable, path.name):
             store = open_features(path, layout=layout)
-            check_provenance(report(f"{kind}.provenance"), path.name, store.provenance,
-                             shared, model)
-            check_grid_file(report, kind, store)
+            prov = read_provenance(report(f"{kind}.provenance"), path.name, store,
+                                   GridProvenance)
+            if prov is None:
+                continue
+            check_provenance(report(f"{kind}.provenance"), path.name, prov, shared, model)
+            check_grid_file(report, kind, store, prov)
             with problems_to(report(f"{kind}.coverage"), path.name):
-                check_grid_coverage(report(f"{kind}.coverage"), store,
-                                    Path(store.provenance["images"]),
+                check_grid_coverage(report(f"{kind}.coverage"), store, prov,
                                     failed.get(path.name.removesuffix(".h5"), set()))
             if layout is None and path.is_dir():   # spot checks and pictures: the shards
                 stores.append(store)
     return stores
 
 
-def check_grid_file(report: Report, kind: str, store: FeatureStore) -> None:
+def check_grid_file(report: Report, kind: str, store: FeatureStore,
+                    prov: GridProvenance) -> None:
     """Shapes of every ``grids`` (and ``global``) array of one split output."""
 
-    prov = store.provenance
     shapes = report(f"{kind}.shapes")
-    t, native = int(prov["grid"]), spec_from_provenance(prov["preprocessing"]).grid_size[0]
+    t, native = prov.grid, prov.preprocessing.grid_size[0]
     shapes.expect(native % t == 0, f"{store.path.name}: grid {t} does not divide {native}")
-    width, embed = model_dims(prov["family"], prov["model"])
-    dtype = {"fp16": np.float16, "fp32": np.float32}[prov["storage_dtype"]]
-    want = (t * t, width) if prov["array_layout"] == "tokens" else (width, t, t)
+    width, embed = model_dims(prov.family, prov.model)
+    dtype = {"fp16": np.float16, "fp32": np.float32}[prov.storage_dtype]
+    want = (t * t, width) if prov.array_layout == "tokens" else (width, t, t)
     fields = {"grids": want} | ({"global": (embed,)} if "global" in store.fields() else {})
     for name, shape in fields.items():
         arrays = store if name == store.field else open_features(store.path, field=name,
@@ -87,9 +90,10 @@ def check_grid_file(report: Report, kind: str, store: FeatureStore) -> None:
         shapes.expect(len(seen) <= 1, f"{store.path.name}: {name} shapes differ: {sorted(seen)}")
 
 
-def check_grid_coverage(check: Check, store: FeatureStore, images: Path, failed: set[str]) -> None:
+def check_grid_coverage(check: Check, store: FeatureStore, prov: GridProvenance,
+                        failed: set[str]) -> None:
     """Every image of the split folder recorded in the provenance has a key or a failure row."""
 
-    rule = store.provenance["key_rule"]
-    expected = [(image_key(p.name, rule), (p.name,)) for p in list_images(images)]
+    expected = [(image_key(p.name, prov.key_rule), (p.name,))
+                for p in list_images(Path(prov.images))]
     check_coverage(check, expected, set(store), failed)

@@ -14,6 +14,12 @@ import numpy as np
 from featcache.config import SharedParams, build_dataclass
 from featcache.datasets.images import list_images
 from featcache.datasets.scannet import principal_point_offset
+from featcache.provenance import (
+    EdgeProvenance,
+    PointFeatsProvenance,
+    Sam2Provenance,
+    UvIndexProvenance,
+)
 from featcache.reader import FeatureStore, open_features
 from featcache.stages.build_uv_index import STAGE as UV_STAGE
 from featcache.stages.build_uv_index import UvIndexJob, UvIndexParams
@@ -21,6 +27,8 @@ from featcache.stages.edge_maps_methodB import EDGE_VERSION, edge_key
 from featcache.stages.edge_maps_methodB import OUTPUT_SUFFIX as EDGES_SUFFIX
 from featcache.stages.extract_sam2 import NPZ_ALIASES
 from featcache.stages.extract_sam2 import OUTPUT_SUFFIX as SAM2_SUFFIX
+from featcache.stages.sample_point_feats import STAGE as POINT_STAGE
+from featcache.stages.sample_point_feats import PointFeatsParams
 from featcache.verify.checks import (
     READ_ERRORS,
     Check,
@@ -32,6 +40,7 @@ from featcache.verify.checks import (
     model_dims,
     problems_to,
     read_failures,
+    read_provenance,
 )
 
 
@@ -119,15 +128,17 @@ def check_sam2(report: Report, folder: Path, shared: SharedParams) -> None:
     store, failed = open_npz_output(report, "sam2", folder)
     if store is None:
         return
-    prov = store.provenance
+    prov = read_provenance(report("sam2.provenance"), folder.name, store, Sam2Provenance)
+    if prov is None:
+        return
     with problems_to(report("sam2.shapes"), "provenance"):
-        size = int(prov["preprocessing"]["input_size"][0])
-        dtype = {"fp16": np.float16, "fp32": np.float32}[prov["dtype"]]
+        size = prov.preprocessing.input_size[0]
+        dtype = {"fp16": np.float16, "fp32": np.float32}[prov.storage_dtype]
         check_provenance(report("sam2.provenance"), folder.name, prov, shared)
         shapes, flags = report("sam2.shapes"), report("sam2.flags")
         p4, p5 = (256, size // 16, size // 16), (256, size // 32, size // 32)
         items = npz_items(report, "sam2", store)
-        if prov.get("layout") == "npz":
+        if prov.layout == "npz":
             items = chain(items, npz_view_items(report, "sam2", folder, store, SAM2_SUFFIX,
                                                  NPZ_ALIASES, all_failed(failed)))
         for key, arrays in items:
@@ -139,7 +150,7 @@ def check_sam2(report: Report, folder: Path, shared: SharedParams) -> None:
             flags.expect(flag is not None and flag.shape == () and int(flag) == 1,
                          f"{key}: feature_flag is {flag!r}, expected 1")
         with problems_to(report("sam2.coverage"), "images"):
-            image_coverage(report("sam2.coverage"), store, Path(prov["images"]),
+            image_coverage(report("sam2.coverage"), store, Path(prov.images),
                            all_failed(failed))
 
 
@@ -150,14 +161,16 @@ def check_edges(report: Report, folder: Path) -> None:
     store, failed = open_npz_output(report, "edges", folder)
     if store is None:
         return
-    prov = store.provenance
     shapes, binary, flags = report("edges.shapes"), report("edges.binary"), report("edges.flags")
+    prov = read_provenance(shapes, "provenance", store, EdgeProvenance)
+    if prov is None:
+        return
     with problems_to(shapes, "provenance"):
-        sizes = [int(s) for s in prov["sizes"]]
-        flags.expect(prov.get("edge_version") == EDGE_VERSION,
-                     f"provenance: edge_version {prov.get('edge_version')!r}")
+        sizes = list(prov.sizes)
+        flags.expect(prov.edge_version == EDGE_VERSION,
+                     f"provenance: edge_version {prov.edge_version!r}")
         items = npz_items(report, "edges", store)
-        if prov.get("layout") == "npz":
+        if prov.layout == "npz":
             items = chain(items, npz_view_items(report, "edges", folder, store, EDGES_SUFFIX,
                                                  excused=all_failed(failed)))
         for key, arrays in items:
@@ -175,7 +188,7 @@ def check_edges(report: Report, folder: Path) -> None:
             flags.expect(version is not None and str(version) == EDGE_VERSION,
                          f"{key}: edge_version is {version!r}, expected {EDGE_VERSION!r}")
         with problems_to(report("edges.coverage"), "images"):
-            image_coverage(report("edges.coverage"), store, Path(prov["sa1b"]),
+            image_coverage(report("edges.coverage"), store, Path(prov.sa1b),
                            all_failed(failed))
 
 
@@ -192,8 +205,9 @@ def check_uv_index(report: Report, folder: Path, metrics: Path, max_px: float) -
     shapes, reproj = report("uv_index.shapes"), report("uv_index.reprojection")
     frames = report("uv_index.frame_checks")
     params = None
+    prov = read_provenance(frames, "provenance", store, UvIndexProvenance)
     with problems_to(frames, "provenance"):
-        params = build_dataclass(UvIndexParams, store.provenance["params"], UV_STAGE)
+        params = build_dataclass(UvIndexParams, prov.params, UV_STAGE) if prov else None
     worst: float | None = None
     for key, a in npz_items(report, "uv_index", store):
         shapes.items += 1
@@ -221,7 +235,7 @@ def check_uv_index(report: Report, folder: Path, metrics: Path, max_px: float) -
         reproj.expect(err < max_px, f"{key}: re-projection error {err} px >= {max_px}")
     reproj.expect(reproj.items > 0, "no frame written: there is no error figure to check")
     reproj.numbers["max_px"] = None if worst is None else round(worst, 6)
-    if store.provenance.get("layout") == "npz":
+    if prov is not None and prov.layout == "npz":
         check_frame_npz_files(report("uv_index.npz_view"), folder, store, all_failed(failed))
     if metrics.as_posix() not in ("", "."):
         with problems_to(reproj, metrics.name):
@@ -230,7 +244,8 @@ def check_uv_index(report: Report, folder: Path, metrics: Path, max_px: float) -
             reproj.expect(metric is not None and float(metric) < max_px,
                           f"{metrics}: reprojection_max_px {metric} (want < {max_px})")
     with problems_to(report("uv_index.coverage"), "provenance"):
-        params = build_dataclass(UvIndexParams, store.provenance["params"], UV_STAGE)
+        if params is None:
+            raise ValueError("no readable params in the provenance (see uv_index.frame_checks)")
         expected = [(item, (item,)) for item in UvIndexJob(params).items()]
         check_coverage(report("uv_index.coverage"), expected, set(store),
                        all_failed(failed))
@@ -264,12 +279,14 @@ def check_point_feats(report: Report, folder: Path, uv_folder: Path) -> None:
     if store is None:
         return
     shapes, valid_check = report("point_feats.shapes"), report("point_feats.valid")
+    prov = read_provenance(shapes, "provenance", store, PointFeatsProvenance)
+    if prov is None:
+        return
     with problems_to(shapes, "provenance"):
         uv_store = open_features(uv_folder)
-        prov = store.provenance
-        upscale = int(prov["params"]["upscale"])
-        widths = {scene: model_dims("open_clip", source.get("model", ""))[0]
-                  for scene, source in prov["clip_grid"].items()}
+        upscale = build_dataclass(PointFeatsParams, prov.params, POINT_STAGE).upscale
+        widths = {scene: model_dims("open_clip", source.model)[0]
+                  for scene, source in prov.clip_grid.items()}
         for key, a in npz_items(report, "point_feats", store):
             width = widths.get(key.split("/")[0])
             channels = width // upscale ** 2 if width else None
@@ -290,7 +307,7 @@ def check_point_feats(report: Report, folder: Path, uv_folder: Path) -> None:
                 valid_check.expect(not a["pts_feat"][~valid].any() and
                                    not a["conf_2d"][~valid].any(),
                                    f"{key}: non-zero features or conf_2d where not valid")
-        if prov.get("layout") == "npz":
+        if prov.layout == "npz":
             check_frame_npz_files(report("point_feats.npz_view"), folder, store,
                                   all_failed(failed))
         check_coverage(report("point_feats.coverage"), [(k, (k,)) for k in uv_store],

@@ -17,25 +17,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
+from featcache.config import build_dataclass
 from featcache.datasets import scannet
-from featcache.datasets.coco_panoptic import read_ids_and_image, read_panoptic_split, segment_key
+from featcache.datasets.coco_panoptic import (
+    read_ids_and_image,
+    read_panoptic_split,
+    segment_key,
+)
 from featcache.datasets.images import composite_alpha, list_images, load_image
 from featcache.encoders import Preprocessor
 from featcache.engine.atomic import atomic_path
+from featcache.provenance import (
+    EdgeProvenance,
+    GridProvenance,
+    SiglipProvenance,
+    UvIndexProvenance,
+)
 from featcache.reader import FeatureStore, open_features
 from featcache.stages._grids import image_key
-from featcache.stages.extract_siglip import H5_NAME, CropSettings, crop_box, mask_bbox, segment_crop
-from featcache.verify.spotcheck import spec_from_provenance
-
-if TYPE_CHECKING:
-    from featcache.encoders import Preprocessor
-    from featcache.stages.verify import VerifyParams
+from featcache.stages.build_uv_index import STAGE as UV_STAGE
+from featcache.stages.build_uv_index import UvIndexParams
+from featcache.stages.extract_siglip import H5_NAME, crop_box, mask_bbox, segment_crop
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +51,37 @@ TILE = 192                                   # tile height in pixels
 GREEN, RED, YELLOW = (60, 220, 60), (40, 40, 230), (0, 230, 255)    # BGR
 
 
-def draw_pictures(params: VerifyParams, grids: dict[str, list[FeatureStore]]) -> list[str]:
-    """Write every picture into ``params.pictures`` (replaced as a whole); returns their paths.
+@dataclass(frozen=True)
+class PictureInputs:
+    """What the pictures are drawn from: the output folders of edge_maps_methodB,
+    build_uv_index, sample_point_feats and extract_siglip (the grid stages' stores are passed
+    as opened), ``items`` per picture, and ``folder``, where the pictures go."""
+
+    folder: Path
+    items: int
+    edges: Path
+    uv_index: Path
+    point_feats: Path
+    siglip: Path
+
+
+def draw_pictures(inputs: PictureInputs, grids: dict[str, list[FeatureStore]]) -> list[str]:
+    """Write every picture into ``inputs.folder`` (replaced as a whole); returns their paths.
 
     A picture that cannot be drawn is logged and skipped: the checks, not the pictures, say
     whether the outputs are right, and a corrupt output can raise anything here.
     """
 
-    n = params.picture_items
+    n = inputs.items
     drawers: dict[str, Callable[[], np.ndarray | None]] = {
         "clip_grid_pca.png": lambda: grid_pca_picture(grids.get("clip_grid", []), n),
         "dinov2_pca.png": lambda: grid_pca_picture(grids.get("dinov2", []), n),
-        "edges.png": lambda: edges_picture(Path(params.edges), n),
-        "uv_projection.png": lambda: uv_picture(Path(params.uv_index), Path(params.point_feats)),
-        "siglip_segments.png": lambda: siglip_picture(Path(params.siglip), n),
+        "edges.png": lambda: edges_picture(inputs.edges, n),
+        "uv_projection.png": lambda: uv_picture(inputs.uv_index, inputs.point_feats),
+        "siglip_segments.png": lambda: siglip_picture(inputs.siglip, n),
     }
     written = []
-    with atomic_path(params.pictures, is_dir=True) as tmp:
+    with atomic_path(inputs.folder, is_dir=True) as tmp:
         for name, draw in drawers.items():
             try:
                 image = draw()
@@ -68,7 +90,7 @@ def draw_pictures(params: VerifyParams, grids: dict[str, list[FeatureStore]]) ->
                 continue
             if image is not None:
                 cv2.imwrite(str(tmp / name), image)
-                written.append((Path(params.pictures) / name).as_posix())
+                written.append((inputs.folder / name).as_posix())
     return written
 
 
@@ -78,23 +100,22 @@ def grid_pca_picture(stores: Sequence[FeatureStore], n: int) -> np.ndarray | Non
     if not stores:
         return None
     store = stores[0]
-    prov = store.provenance
-    spec = spec_from_provenance(prov["preprocessing"])
-    files = {image_key(p.name, prov["key_rule"]): p for p in list_images(prov["images"])}
+    prov = GridProvenance.from_dict(store.provenance)
+    files = {image_key(p.name, prov.key_rule): p for p in list_images(prov.images)}
     keys = [k for k in sorted(store) if k in files][:n]
     views, tokens = [], []
     for key in keys:
         image = load_image(files[key])
-        rgb = composite_alpha(image.rgb, image.alpha, tuple(prov["background"]))
-        views.append(model_view(rgb, Preprocessor(spec)))
+        rgb = composite_alpha(image.rgb, image.alpha, prov.background)
+        views.append(model_view(rgb, Preprocessor(prov.preprocessing)))
         grid = np.asarray(store[key], np.float32)
-        tokens.append(grid if prov["array_layout"] == "tokens" else
+        tokens.append(grid if prov.array_layout == "tokens" else
                       grid.reshape(grid.shape[0], -1).T)
-    t = int(prov["grid"])
+    t = prov.grid
     colours = pca_rgb(np.concatenate(tokens)).reshape(len(keys), t, t, 3)
     rows = [hstack([fit(view[..., ::-1], TILE), fit(c[..., ::-1], TILE, cv2.INTER_NEAREST)])
             for view, c in zip(views, colours)]
-    return titled(vstack(rows), f"{prov['model']} {store.path.name}: image as encoded | PCA of "
+    return titled(vstack(rows), f"{prov.model} {store.path.name}: image as encoded | PCA of "
                                 f"its {t}x{t} grid ({', '.join(keys)})")
 
 
@@ -125,8 +146,9 @@ def edges_picture(folder: Path, n: int) -> np.ndarray | None:
     edge map in red over the image, then every map."""
 
     store = open_features(folder)
-    sizes = sorted((int(s) for s in store.provenance["sizes"]), reverse=True)
-    files = {p.stem: p for p in list_images(store.provenance["sa1b"])}
+    prov = EdgeProvenance.from_dict(store.provenance)
+    sizes = sorted(prov.sizes, reverse=True)
+    files = {p.stem: p for p in list_images(prov.sa1b)}
     chosen: dict[str, dict[str, np.ndarray]] = {}
     blank: dict[str, dict[str, np.ndarray]] = {}  # images without edges, shown only if needed
     for key in (k for k in sorted(store) if k in files):
@@ -149,8 +171,7 @@ def edges_picture(folder: Path, n: int) -> np.ndarray | None:
     if not rows:
         return None
     maps = " | ".join(f"{s}x{s}" for s in sizes)
-    kernel = store.provenance.get("kernel_size")
-    return titled(vstack(rows), f"edge maps (Method B, kernel {kernel}): image with "
+    return titled(vstack(rows), f"edge maps (Method B, kernel {prov.kernel_size}): image with "
                                 f"edge_{sizes[0]}x{sizes[0]} in red | {maps}")
 
 
@@ -162,11 +183,13 @@ def uv_picture(uv_folder: Path, feats_folder: Path) -> np.ndarray | None:
     if not len(store):
         return None
     key = sorted(store)[0]
-    arrays, params = store[key], store.provenance["params"]
-    scene_dir = Path(params["scannet"]) / "scans" / key.split("/")[0]
+    arrays = store[key]
+    params = build_dataclass(UvIndexParams, UvIndexProvenance.from_dict(store.provenance).params,
+                             UV_STAGE)
+    scene_dir = Path(params.scannet) / "scans" / key.split("/")[0]
     paths = scannet.frame_paths(scene_dir, str(arrays["frame"]))
     color = cv2.imread(str(paths.color), cv2.IMREAD_COLOR)
-    depth = scannet.read_depth(paths.depth, float(params["depth_scale"]))
+    depth = scannet.read_depth(paths.depth, params.depth_scale)
     panels = render_panels(color, depth, arrays, zoom=2)
     feats = open_features(feats_folder) if feats_folder.is_dir() else {}
     right = ""
@@ -216,10 +239,10 @@ def siglip_picture(folder: Path, n: int) -> np.ndarray | None:
     """``n`` segments spread over the embeddings: crop with the mask outlined | blended crop."""
 
     store = open_features(folder / H5_NAME if (folder / H5_NAME).is_file() else folder)
-    prov, keys = store.provenance, list(store)
+    prov, keys = SiglipProvenance.from_dict(store.provenance), list(store)
     chosen = [keys[i] for i in np.linspace(0, len(keys) - 1, min(n, len(keys))).astype(int)]
-    split = read_panoptic_split(prov["coco"], prov["split"])
-    crop = CropSettings(**{**prov["crop"], "fill": tuple(prov["crop"]["fill"])})
+    split = read_panoptic_split(prov.coco, prov.split)
+    crop = prov.crop
     tiles = []
     for entry in (e for e in split.entries if e.image is not None):
         segments = [s for s in entry.image.segments
@@ -242,7 +265,7 @@ def siglip_picture(folder: Path, n: int) -> np.ndarray | None:
                                 + (" crowd" if seg.iscrowd else "")))
     if not tiles:
         return None
-    return titled(vstack(tiles), f"{prov['model']}: segment crop, mask outlined in yellow | "
+    return titled(vstack(tiles), f"{prov.model}: segment crop, mask outlined in yellow | "
                                  f"the blended crop it encoded (bg_alpha {crop.bg_alpha})")
 
 

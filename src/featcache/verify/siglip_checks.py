@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 
 from featcache.config import SharedParams
-from featcache.datasets.coco_panoptic import PanopticError, read_panoptic_split, segment_key
+from featcache.datasets.coco_panoptic import (
+    PanopticError,
+    read_panoptic_split,
+    segment_key,
+)
 from featcache.engine.shards import SHARDS_DIR, read_index
+from featcache.provenance import SiglipProvenance
 from featcache.reader import FeatureStore, open_features
 from featcache.stages.extract_siglip import H5_NAME, INDEX_HEADER, INDEX_NAME
 from featcache.verify.checks import (
@@ -23,6 +27,7 @@ from featcache.verify.checks import (
     model_dims,
     problems_to,
     read_failures,
+    read_provenance,
 )
 
 
@@ -35,11 +40,13 @@ def check_siglip(report: Report, folder: Path, shared: SharedParams, tolerance: 
         return
     with problems_to(readable, path.name):
         store = open_features(path)
-        prov = store.provenance
+        prov = read_provenance(report("siglip.provenance"), path.name, store, SiglipProvenance)
+        if prov is None:
+            return
         keys, embeddings = read_embeddings(store, report)
         readable.items += len(keys)
         check_provenance(report("siglip.provenance"), path.name, prov, shared)
-        _, dim = model_dims(prov["family"], prov["model"])
+        _, dim = model_dims(prov.family, prov.model)
         shapes = report("siglip.shapes")
         shapes.items += len(keys)
         expect_array(shapes, f"{path.name} embeddings", embeddings, (len(keys), dim), np.float16)
@@ -51,7 +58,7 @@ def check_siglip(report: Report, folder: Path, shared: SharedParams, tolerance: 
         for i in np.flatnonzero(~(error <= tolerance)):  # NaN norms fail too
             unit.expect(False, f"{keys[i]}: norm {norms[i]:.5f}, expected 1 +- {tolerance}")
         with problems_to(report("siglip.index"), "inst2feat.tsv"):
-            check_index(report("siglip.index"), folder, keys, prov.get("layout", store.layout))
+            check_index(report("siglip.index"), folder, keys, prov.layout or store.layout)
         coverage = report("siglip.coverage")
         failed = all_failed(read_failures(folder, coverage))
         with problems_to(coverage, "panoptic split"):
@@ -113,15 +120,15 @@ def check_index(check: Check, folder: Path, keys: list[str], layout: str) -> Non
         check.expect(False, f"{key}: embedding without a row in {INDEX_NAME}")
 
 
-def check_siglip_coverage(check: Check, prov: dict[str, Any], present: set[str],
+def check_siglip_coverage(check: Check, prov: SiglipProvenance, present: set[str],
                           failed: set[str]) -> None:
     """Every segment of the panoptic JSON recorded in the provenance has an embedding or a
     failures row (its own, or its image's); bad JSON entries have their rows."""
 
     try:
-        split = read_panoptic_split(prov["coco"], prov["split"])
+        split = read_panoptic_split(prov.coco, prov.split)
     except PanopticError as e:
-        check.expect(False, f"{prov['coco']} {prov['split']}: {e}")
+        check.expect(False, f"{prov.coco} {prov.split}: {e}")
         return
     expected: list[tuple[str | None, tuple[str, ...]]] = []
     for entry in split.entries:

@@ -21,18 +21,23 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from featcache.datasets.coco_panoptic import PanopticError, read_panoptic_split, segment_key
+from featcache.datasets.coco_panoptic import (
+    PanopticError,
+    read_panoptic_split,
+    segment_key,
+)
 from featcache.datasets.images import list_images
-from featcache.encoders import EncoderSpec, Preprocessor, load_encoder, resolve_device
+from featcache.encoders import Preprocessor, load_encoder, resolve_device
 from featcache.engine import Failure, Piece, make_batch
+from featcache.provenance import GridProvenance, SiglipProvenance
 from featcache.reader import open_features
 from featcache.stages._grids import GridCompute, build_grid_job
-from featcache.stages.extract_siglip import CropSettings, SiglipCompute, SiglipJob
+from featcache.stages.extract_siglip import SiglipCompute, SiglipJob
 
 if TYPE_CHECKING:
     from featcache.encoders.base import Encoder
@@ -72,8 +77,8 @@ def spot_check(path: str | Path, n: int = 4, *, images: str | Path | None = None
     (``ValueError`` if its spec differs from the file's); None loads it.
     """
     store = open_features(path, field=field)
-    prov = store.provenance
-    folder = Path(images if images is not None else prov["images"])
+    prov = GridProvenance.from_dict(store.provenance)
+    folder = Path(images if images is not None else prov.images)
     keys = random.Random(seed).sample(sorted(store), min(n, len(store)))
     live, errors = recompute(prov, folder, keys, field, device, encoder)
     diffs, cosines = [], []
@@ -88,7 +93,7 @@ def spot_check(path: str | Path, n: int = 4, *, images: str | Path | None = None
     return result
 
 
-def recompute(prov: dict[str, Any], folder: Path, keys: list[str], field: str,
+def recompute(prov: GridProvenance, folder: Path, keys: list[str], field: str,
               device: str = "cpu", encoder: Encoder | None = None,
               ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """Live float32 arrays of ``keys`` (as stored under ``field``) and ``(key, reason)`` errors;
@@ -97,18 +102,18 @@ def recompute(prov: dict[str, Any], folder: Path, keys: list[str], field: str,
 
     if not folder.is_dir():
         return {}, [(key, f"image folder not found: {folder}") for key in keys]
-    spec = spec_from_provenance(prov["preprocessing"])
-    mask_target = prov["grid"] if field == "mask" else None
-    job = build_grid_job(folder, list_images(folder), prov["key_rule"], Preprocessor(spec),
-                         tuple(prov["background"]), mask_target)
+    spec = prov.preprocessing
+    mask_target = prov.grid if field == "mask" else None
+    job = build_grid_job(folder, list_images(folder), prov.key_rule, Preprocessor(spec),
+                         prov.background, mask_target)
     by_key = {job.keys[name]: name for name in job.names if name not in job.duplicates}
     if encoder is None:
         encoder = load_encoder(spec, resolve_device(device))
     elif encoder.spec != spec:
         raise ValueError(f"the encoder given is {encoder.spec}, the file was made by {spec}")
     torch_device = next(encoder.parameters()).device
-    compute = GridCompute(encoder, torch_device, prov["grid"],
-                          prov["array_layout"], save_global=field == "global")
+    compute = GridCompute(encoder, torch_device, prov.grid,
+                          prov.array_layout, save_global=field == "global")
     live, errors = {}, []
     for key in keys:
         if key not in by_key:
@@ -131,9 +136,9 @@ def spot_check_segments(path: str | Path, n: int = 4, *, coco: str | Path | None
     root) with the same crop, blend, preprocessing and model, and compare (cosine per
     embedding; both are unit-norm)."""
     store = open_features(path)
-    prov = store.provenance
+    prov = SiglipProvenance.from_dict(store.provenance)
     keys = random.Random(seed).sample(sorted(store), min(n, len(store)))
-    live, errors = recompute_segments(prov, Path(coco or prov["coco"]), keys, device)
+    live, errors = recompute_segments(prov, Path(coco or prov.coco), keys, device)
     diffs = [float(np.abs(np.asarray(store[k], np.float32) - v).max()) for k, v in live.items()]
     cosines = [float(_cosines(np.asarray(store[k], np.float32), v, -1)) for k, v in live.items()]
     result = SpotCheckResult(str(path), tuple(live), max(diffs, default=float("nan")),
@@ -143,19 +148,17 @@ def spot_check_segments(path: str | Path, n: int = 4, *, coco: str | Path | None
     return result
 
 
-def recompute_segments(prov: dict[str, Any], coco: Path, keys: list[str], device: str = "cpu",
+def recompute_segments(prov: SiglipProvenance, coco: Path, keys: list[str], device: str = "cpu",
                        ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """Live float32 embeddings of the segment ``keys`` and ``(key, reason)`` errors."""
 
 
-    spec = spec_from_provenance(prov["preprocessing"])
+    spec = prov.preprocessing
     try:
-        split = read_panoptic_split(coco, prov["split"])
+        split = read_panoptic_split(coco, prov.split)
     except (FileNotFoundError, PanopticError) as e:
         return {}, [(key, f"cannot read the COCO split: {e}") for key in keys]
-    crop = prov["crop"]
-    job = SiglipJob(split, Preprocessor(spec), CropSettings(
-        crop["bg_alpha"], crop["pad_ratio"], tuple(crop["fill"]), crop["min_crop"]))
+    job = SiglipJob(split, Preprocessor(spec), prov.crop)
     item_of = {segment_key(e.image.image_id, seg.id): e.item for e in split.entries
                if e.image is not None for seg in e.image.segments}
     encoder = load_encoder(spec, resolve_device(device))
@@ -172,18 +175,12 @@ def recompute_segments(prov: dict[str, Any], coco: Path, keys: list[str], device
     return live, errors
 
 
-def spec_from_provenance(spec: dict[str, Any]) -> Any:
-    """The :class:`~featcache.encoders.EncoderSpec` stored in a provenance ``preprocessing``."""
-
-    return EncoderSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
-
-
-def _channel_axis(prov: dict[str, Any], field: str) -> int | None:
+def _channel_axis(prov: GridProvenance, field: str) -> int | None:
     if field == "global":
         return -1
     if field == "mask":
         return None
-    return -1 if prov["array_layout"] == "tokens" else 0
+    return -1 if prov.array_layout == "tokens" else 0
 
 
 def _cosines(a: np.ndarray, b: np.ndarray, axis: int | None) -> np.ndarray:
