@@ -29,10 +29,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import datagen
 import numpy as np
 import torch
 
-import datagen
 from featcache.datasets.images import DecodedImage
 from featcache.encoders import Preprocessor, load_encoder, resolve_spec
 from featcache.encoders.device_input import batch_model_input
