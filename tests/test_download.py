@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from featcache.datasets.archives import (ArchiveError, ChecksumError, DownloadError, UnsafeArchiveError,
-                                extract, fetch, file_digests)
+from featcache.datasets.archives import ArchiveError, UnsafeArchiveError, extract
+from featcache.datasets.downloads import ChecksumError, DownloadError, fetch, file_digests
 from featcache.config import ParamError, SharedParams, build_dataclass
 from featcache.stages.download import SOURCES, DownloadParams, run_download
 

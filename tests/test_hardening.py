@@ -7,16 +7,35 @@ Inputs are generated; the engine runs a model-free job inline.
 
 from __future__ import annotations
 
+import builtins
+import io
+import json
 import os
+import shutil
+import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_coco_panoptic import SplitBuilder, blocks
+from test_download import ServerState, _payload, _sha, server  # noqa: F401 - the fixture
 
-import featcache.engine.atomic as atomic
-from featcache.engine import EngineParams, WriterOptions, finish_stage, run_job
+from featcache.config import ParamError, build_dataclass
+from featcache.datasets import archives
+from featcache.datasets.archives import UnsafeArchiveError, extract
+from featcache.datasets.downloads import ChecksumError, fetch
+from featcache.encoders import resolve_spec
+from featcache.engine import EngineParams, WriterOptions, atomic, finish_stage, run_job
+from featcache.engine.metrics import timing_path
 from featcache.engine.types import Failure, Piece
 from featcache.reader import open_features
+from featcache.sample import generate_sample
+from featcache.stages.download import read_sa1b_links
+from featcache.stages.edge_maps_methodB import EdgeParams, run_edge_maps
+from featcache.stages.extract_siglip import SiglipParams, build_siglip_job
+from featcache.verify.checks import Report
+from featcache.verify.npz_checks import check_edges
 
 NAME_MAX = 255   # bytes per file name (ext4, xfs, btrfs, apfs, ...)
 
@@ -144,9 +163,6 @@ def test_stage_run_drops_scratch_no_output_can_use(tmp_path):
     result = run_named(tmp_path, ["p", "q", "r"], "shards", out="new")
     finish_stage("named", tmp_path / "new", [result], params)
     assert not list(scratch.iterdir())
-    import json
-
-    from featcache.engine.metrics import timing_path
     # a size, not a result: beside the timings, outside the DVC metric
     assert json.loads(timing_path("named").read_text())["scratch_bytes"] == 0
     assert "scratch_bytes" not in json.loads((tmp_path / "m.json").read_text())
@@ -156,9 +172,6 @@ def test_stage_run_drops_scratch_no_output_can_use(tmp_path):
 
 
 def _coco_job(root: Path):
-    from featcache.encoders import resolve_spec
-    from featcache.stages.extract_siglip import SiglipParams, build_siglip_job
-
     params = SiglipParams(coco=str(root), split="val2017", out=str(root / "o"),
                           model="featcache-tiny-siglip", batch_size=4, num_workers=0)
     return build_siglip_job(params, resolve_spec("open_clip", "featcache-tiny-siglip",
@@ -166,8 +179,6 @@ def _coco_job(root: Path):
 
 
 def test_coco_paths_escaping_the_dataset_are_rows_and_never_opened(tmp_path, monkeypatch):
-    from test_coco_panoptic import SplitBuilder, blocks
-
     secret = tmp_path / "outside" / "secret.jpg"
     b = SplitBuilder(tmp_path / "coco")
     for i in range(1, 6):
@@ -179,7 +190,6 @@ def test_coco_paths_escaping_the_dataset_are_rows_and_never_opened(tmp_path, mon
     b.images[3]["file_name"] = "..\\outside\\secret.jpg"          # backslash spelling
     b.write()
     opened: list[str] = []
-    import builtins
     real_open = builtins.open
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (
         opened.append(str(f)), real_open(f, *a, **k))[1])
@@ -201,8 +211,6 @@ def test_coco_paths_escaping_the_dataset_are_rows_and_never_opened(tmp_path, mon
     ({"category_id": "person"}, "category_id"), ({"area": [3]}, "area"),
     ({"iscrowd": "yes"}, "iscrowd")])
 def test_coco_malformed_segment_fields_are_one_row(tmp_path, segment, field):
-    from test_coco_panoptic import SplitBuilder, blocks
-
     b = SplitBuilder(tmp_path)
     b.add(1, blocks())
     ann = b.add(2, blocks())
@@ -223,8 +231,6 @@ def test_coco_malformed_segment_fields_are_one_row(tmp_path, segment, field):
     lambda im, ann: ann.pop("segments_info"), lambda im, ann: ann.update(file_name=None),
     lambda im, ann: im.update(file_name=["a.jpg"]), lambda im, ann: ann.update(file_name="")])
 def test_coco_malformed_image_fields_are_one_row(tmp_path, edit):
-    from test_coco_panoptic import SplitBuilder, blocks
-
     b = SplitBuilder(tmp_path)
     b.add(1, blocks())
     ann = b.add(2, blocks())
@@ -238,9 +244,6 @@ def test_coco_malformed_image_fields_are_one_row(tmp_path, edit):
 
 @pytest.mark.parametrize("text", ['{"annotations": [', "[" * 100_000, "\xff\xfe"])
 def test_coco_unparsable_json_is_one_error_naming_it(tmp_path, text):
-    from featcache.config import ParamError
-    from test_coco_panoptic import SplitBuilder, blocks
-
     b = SplitBuilder(tmp_path)
     b.add(1, blocks())
     path = b.write()
@@ -252,13 +255,8 @@ def test_coco_unparsable_json_is_one_error_naming_it(tmp_path, text):
 # ------------------------------------------------------------ downloads (point 8)
 
 
-from test_download import ServerState, _payload, _sha, server  # noqa: E402,F401 - fixture
-
-
-def test_download_without_length_is_complete_only_at_the_announced_size(server, tmp_path):
+def test_download_without_length_is_complete_only_at_the_announced_size(server, tmp_path):  # noqa: F811
     """The SA-1B case: no checksum, no Content-Length, the server closes early."""
-    from featcache.datasets.archives import fetch
-
     data = _payload()
     server.files["/sa_0.tar"] = data
     server.no_length, server.drops = True, [1000, 5000]
@@ -268,9 +266,7 @@ def test_download_without_length_is_complete_only_at_the_announced_size(server, 
     assert server.ranges[1:] == ["bytes=1000-", "bytes=6000-"]
 
 
-def test_download_checksum_mismatch_restarts_once_from_scratch(server, tmp_path):
-    from featcache.datasets.archives import ChecksumError, fetch
-
+def test_download_checksum_mismatch_restarts_once_from_scratch(server, tmp_path):  # noqa: F811
     data = _payload()
     other = bytes(reversed(data))     # the first transfer joined another version of the file
     server.files["/w.pt"] = data
@@ -288,13 +284,6 @@ def test_download_checksum_mismatch_restarts_once_from_scratch(server, tmp_path)
 
 
 def test_archive_bombs_are_refused_before_anything_lands(tmp_path, monkeypatch):
-    import io
-    import tarfile
-    import zipfile
-
-    from featcache.datasets import archives
-    from featcache.datasets.archives import UnsafeArchiveError, extract
-
     monkeypatch.setattr(archives, "MIN_BUDGET_BYTES", 0)   # the ratio alone decides
     zeros = bytes(8 << 20)
     bomb = tmp_path / "bomb.zip"
@@ -325,9 +314,6 @@ def test_archive_bombs_are_refused_before_anything_lands(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["../sa_1.tar", "sub/sa_1.tar", "sa\\1.tar", ".sa_1.tar",
                                   "sa_1\x00.tar", "s" * 256, "sa_0.tar"])
 def test_sa1b_links_names_must_stay_in_the_download_folder(tmp_path, name):
-    from featcache.config import ParamError
-    from featcache.stages.download import read_sa1b_links
-
     links = tmp_path / "links.txt"
     links.write_text(f"file_name\tcdn_link\nsa_0.tar\thttps://x/0\n{name}\thttps://x/1\n")
     with pytest.raises(ParamError, match="sa1b.links.*line 3"):
@@ -338,14 +324,6 @@ def test_verify_accepts_a_per_item_file_refused_for_its_name(tmp_path, monkeypat
     """layout npz: an image whose stem makes `<stem>_edges.npz` longer than a file name can
     be is one failures row and stays in the shards; verify's npz_view check accepts that
     and still checks every other file."""
-    import shutil
-
-    from featcache.verify.checks import Report
-    from featcache.verify.npz_checks import check_edges
-    from featcache.config import build_dataclass
-    from featcache.stages.edge_maps_methodB import EdgeParams, run_edge_maps
-    from featcache.sample import generate_sample
-
     generate_sample(tmp_path / "raw", seed=0)
     sa1b = tmp_path / "raw" / "sa1b"
     first = sorted(sa1b.glob("*.jpg"))[0]

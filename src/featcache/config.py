@@ -3,7 +3,8 @@
 Every stage reads one section of ``params.yaml`` plus a few shared top-level keys (``model``,
 ``weights``, ``seed``) into frozen dataclasses. Loading checks everything before any work starts:
 an unknown key, a wrong type or an impossible value raises :class:`ParamError` whose message names
-the key, what was found and what is allowed.
+the key, what was found and what is allowed (the checking itself:
+:mod:`featcache.typed_params`).
 
 The ``runtime`` section holds the knobs that say where and how fast a stage runs (``device``,
 ``batch_size``, ``num_workers``) and never what it computes, so no stage lists it in dvc.yaml's
@@ -46,35 +47,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar
 
 import yaml
+
+from featcache.typed_params import ParamError, build_dataclass, require
 
 T = TypeVar("T")
 
 PARAMS_FILE = "params.yaml"
 
 
-class ParamError(ValueError):
-    """A parameter in params.yaml is unknown, of the wrong type, or impossible."""
-
-
 class StageError(Exception):
     """An expected way for a stage to fail (missing weights, a bad download, too many bad
     inputs): reported in one line by :func:`featcache.engine.cli.run_stage`, without a traceback."""
-
-
-def require(condition: bool, key: str, message: str) -> None:
-    """Raise :class:`ParamError` naming ``key`` unless ``condition`` holds.
-
-    Used by ``validate()`` methods; the loader prefixes the key with its section.
-    """
-    if not condition:
-        raise ParamError(f"{key}: {message}")
 
 
 @dataclass(frozen=True)
@@ -237,7 +226,7 @@ def load_runtime(data: dict[str, Any], section: str | None = None) -> RuntimePar
         merged[stage] = build_dataclass(RuntimeParams, {**dataclasses.asdict(base),
                                                         **(override or {})},
                                         prefix=f"{RUNTIME_SECTION}.{stage}")
-    return merged[section] if section in merged else base
+    return merged.get(section, base)
 
 
 def load_stage_params(section: str, cls: type[T], path: str | Path = PARAMS_FILE,
@@ -334,106 +323,3 @@ def runtime_fields(cls: type, section: str, data: dict[str, Any],
                              "remove it")
     values = {"batch_size": runtime.batch_size, "num_workers": runtime.resolved_num_workers()}
     return {k: v for k, v in values.items() if k in names}
-
-
-def build_dataclass(cls: type[T], values: Any, prefix: str) -> T:
-    """Recursively build dataclass ``cls`` from a mapping, checking keys, types and values."""
-    where = prefix or "params.yaml"
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ParamError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ParamError(f"{_join(prefix, unknown[0])}: unknown key; allowed keys: "
-                         f"{', '.join(sorted(fields))}")
-    hints = get_type_hints(cls)
-    kwargs = {}
-    for name, f in fields.items():
-        key = _join(prefix, name)
-        if name in values:
-            kwargs[name] = _convert(values[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ParamError(f"{key}: required key is missing")
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except ParamError as e:
-            raise ParamError(f"{_join(prefix, str(e))}") from None
-    return obj
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _convert(value: Any, hint: Any, key: str) -> Any:
-    origin = get_origin(hint)
-    args = get_args(hint)
-    if hint is Any:
-        return value
-    if origin is Literal:
-        if value not in args:
-            allowed = ", ".join(repr(a) for a in args)
-            raise ParamError(f"{key}: got {value!r}; allowed: {allowed}")
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ParamError as e:
-                errors.append(str(e))
-        raise ParamError(errors[0] if len(errors) == 1 else
-                         f"{key}: got {value!r}; allowed: {_type_name(hint)}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ParamError(f"{key}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        return type(value)(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)) \
-            if origin is list else tuple(_convert(v, item, f"{key}[{i}]")
-                                         for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ParamError(f"{key}: expected a mapping, got {value!r}")
-        kt, vt = args if args else (Any, Any)
-        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
-        return build_dataclass(hint, value, key)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ParamError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ParamError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{key}: unsupported parameter type {hint!r}")  # a bug in a dataclass
-
-
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-
-
-def _type_name(hint: Any) -> str:
-    """``int | Literal["auto"]`` -> ``an integer or 'auto'`` (for error messages)."""
-    if get_origin(hint) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(hint) if a is not type(None))
-    if get_origin(hint) is Literal:
-        return ", ".join(repr(a) for a in get_args(hint))
-    return _TYPE_WORDS.get(hint) or getattr(hint, "__name__", None) or \
-        str(hint).replace("typing.", "")

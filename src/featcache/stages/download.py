@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from featcache.config import SharedParams, require
-from featcache.datasets.archives import extract, fetch
+from featcache.datasets.archives import extract
+from featcache.datasets.downloads import fetch
 from featcache.sample import generate_sample
 from featcache.sample.scannet_scenes import SCENE_LIST
 
