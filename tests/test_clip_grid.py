@@ -24,8 +24,8 @@ from PIL import Image
 from featcache.stages.extract_clip_grid import STAGE, ClipGridParams, extract_clip_grid, plan_clip_grid
 from featcache.config import ParamError, SharedParams, build_dataclass, load_stage_params
 from featcache.encoders import TINY_DINOV2, TINY_OPENCLIP, Preprocessor, resolve_spec
-from featcache.stages._grids import (alpha_grid, arrange_grid, build_grid_job, check_target_grid, image_key,
-                             pool_grid)
+from featcache.stages._grid_geometry import alpha_grid, arrange_grid, check_target_grid, pool_grid
+from featcache.stages._grids import build_grid_job, image_key
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = SharedParams(model=TINY_OPENCLIP, weights="random", device="cpu", seed=0)
@@ -290,6 +290,7 @@ def test_repository_params_section_is_valid() -> None:
 
 DVC_PARAMS = {
     "model": TINY_OPENCLIP, "weights": "random", "seed": 0, "data": "data/raw",
+    "weights_dir": "data/weights", "checkpoints": "checkpoints",
     "runtime": {"device": "cpu", "num_workers": 0},
     "extract_clip_grid": {"out": "data/features/clip_grid",
                           "metrics": "metrics/extract_clip_grid.json",
@@ -323,6 +324,9 @@ def dvc_repo(repo: Path) -> Path:
     (repo / ".gitignore").write_text(".featcache/\n__pycache__/\n")
     rng = np.random.default_rng(3)
     (repo / "data" / "raw" / "imgs").mkdir(parents=True)
+    for folder in ("data/weights", "checkpoints"):  # the weights folders every model stage reads
+        (repo / folder).mkdir(parents=True)
+        (repo / folder / ".keep").write_text("")
     for i in (1, 2, 3):
         Image.fromarray(rng.integers(0, 256, (40, 60, 3), np.uint8)).save(
             repo / "data" / "raw" / "imgs" / f"{i:012d}.jpg")

@@ -15,7 +15,7 @@ import featcache
 from featcache.config import ParamError, SharedParams, build_dataclass, load_stage_params
 from featcache.stages.extract_dinov2 import STAGE, Dinov2Params, extract_dinov2, plan_dinov2
 from featcache.encoders import TINY_DINOV2, Preprocessor, load_encoder
-from featcache.stages._grids import arrange_grid
+from featcache.stages._grid_geometry import arrange_grid
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = SharedParams(weights="random", device="cpu", seed=0)

@@ -98,11 +98,11 @@ def test_the_alpha_mask_of_a_strip_is_windowed_like_the_image(monkeypatch):
     import subprocess
     import sys
 
-    import featcache.encoders.preprocess as preprocess
-    from featcache.stages._grids import alpha_grid
+    import featcache.stages._grid_geometry as grid_geometry
+    from featcache.stages._grid_geometry import alpha_grid
 
     code = ("import numpy as np, resource; from featcache.encoders import resolve_spec, "
-            "Preprocessor; from featcache.stages._grids import alpha_grid; "
+            "Preprocessor; from featcache.stages._grid_geometry import alpha_grid; "
             "pre = Preprocessor(resolve_spec('open_clip', 'ViT-B-16', weights='random')); "
             "a = np.full((1, 20000), 200, np.uint8); "
             "b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
@@ -115,6 +115,6 @@ def test_the_alpha_mask_of_a_strip_is_windowed_like_the_image(monkeypatch):
     rng = np.random.default_rng(0)
     alpha = (rng.random((12, 400)) * 255).astype(np.uint8)    # 33:1, small enough for both
     windowed = alpha_grid(alpha, alpha.shape, pre, 14)
-    monkeypatch.setattr(preprocess, "BOX_RESIZE_FACTOR", 10**9)   # the full resize
+    monkeypatch.setattr(grid_geometry, "BOX_RESIZE_FACTOR", 10**9)   # the full resize
     full = alpha_grid(alpha, alpha.shape, pre, 14)
     assert np.abs(windowed - full).max() < 0.05   # noise alpha: the window is sub-pixel off

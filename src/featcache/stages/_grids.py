@@ -2,8 +2,10 @@
 
 Both stages read image folders (one per split), composite transparent images over a solid
 ``background`` colour, run an encoder that returns a patch grid ``[B, C, g, g]`` and store one
-array per image. This module holds everything they share: the params, the image-folder job, the
-alpha mask, grid pooling and the run loop; the stage modules only resolve their encoder spec.
+array per image. This module holds what they share: the params, the split's job (a
+:class:`~featcache.stages._image_folder.ImageFolderJob`), the compute and the run loop;
+:mod:`featcache.stages._grid_geometry` pools the grid and averages the alpha mask per cell. The
+stage modules only resolve their encoder spec.
 
 Conventions:
 
@@ -36,41 +38,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from featcache.config import ParamError, SharedParams, require
 from featcache.datasets.frames import frame_number
 from featcache.datasets.images import (
     IMAGE_EXTENSIONS,
+    DecodedImage,
     ImageDecodeError,
     composite_alpha,
-    find_duplicate_keys,
     list_images,
-    load_image,
     survey_folder,
 )
 from featcache.encoders import Preprocessor, load_encoder, resolve_device
-from featcache.encoders.preprocess import BOX_RESIZE_FACTOR, model_input
-from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
+from featcache.encoders.device_input import batch_model_input
+from featcache.encoders.preprocess import PREPROCESS_DESCRIPTIONS, PreprocessPath, prepare_file
+from featcache.engine import WriterOptions, finish_stage, run_job
 from featcache.engine.atomic import write_text
 from featcache.engine.distributed import init_distributed, rank_device
 from featcache.engine.inference import autocast_for, resolve_precision, to_storage
 from featcache.engine.types import Failure, ModelParams, Piece, Precision, RunResult
 from featcache.provenance import GridProvenance, encoder_facts, library_versions
+from featcache.stages._grid_geometry import ArrayLayout, alpha_grid, arrange_grid
+from featcache.stages._image_folder import ImageFolderJob, index_folder
 
 if TYPE_CHECKING:
-    import torch
-
     from featcache.encoders.base import Encoder, EncoderSpec
-    from featcache.encoders.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 
-ArrayLayout = Literal["tokens", "chw"]
 KeyRule = Literal["image_id", "stem"]
 _COCO_NAME = re.compile(r"^COCO_[A-Za-z0-9]+_(\d+)$")
 _SAFE_SPLIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -97,6 +95,7 @@ class GridParams(ModelParams):
     compression: Literal["none", "lzf", "gzip"] = "none"
     save_meta: bool = False
     background: tuple[int, int, int] = (255, 255, 255)
+    preprocess: PreprocessPath = "exact"   # exact | fast | gpu_decode (README "Fast preprocessing")
 
     def validate(self) -> None:
         super().validate()
@@ -148,116 +147,43 @@ def list_splits(params: GridParams, stage: str) -> dict[str, tuple[Path, list[Pa
     return found
 
 
-def check_target_grid(native: tuple[int, int], target: int, key: str = "grid") -> int:
-    """The stored grid side for ``target`` (0 = native); ParamError unless it divides ``native``."""
-    g_h, g_w = native
-    if target == 0:
-        return g_h
-    require(g_h == g_w, key, f"pooling needs a square native grid, got {g_h}x{g_w}")
-    require(0 < target <= g_h and g_h % target == 0, key,
-            f"{target} does not divide the model's native {g_h}x{g_h} grid; use 0 (native) or "
-            f"one of {[d for d in range(1, g_h + 1) if g_h % d == 0]}")
-    return target
-
-
-def pool_grid(grid: torch.Tensor, target: int) -> torch.Tensor:
-    """``[B, C, g, g] -> [B, C, t, t]`` by non-overlapping ``(g/t)``-blocks averages.
-
-    ``target`` 0 or ``g`` returns ``grid`` unchanged; ``ValueError`` if it does not divide ``g``.
-    """
-
-    g = grid.shape[-1]
-    if target in (0, g):
-        return grid
-    if g % target or grid.shape[-2] != g:
-        raise ValueError(f"cannot pool a {tuple(grid.shape[-2:])} grid to {target}x{target}")
-    return F.avg_pool2d(grid, kernel_size=g // target)
-
-
-def arrange_grid(grid: torch.Tensor, target: int, layout: ArrayLayout) -> torch.Tensor:
-    """``[B, C, g, g]`` -> pooled to ``t`` and laid out: ``tokens`` ``[B, t*t, C]`` (row-major
-    over (y, x)) or ``chw`` ``[B, C, t, t]``."""
-    grid = pool_grid(grid, target)
-    return grid.flatten(2).transpose(1, 2) if layout == "tokens" else grid
-
-
-def alpha_grid(alpha: np.ndarray | None, shape: tuple[int, int], pre: Preprocessor,
-               target: int) -> np.ndarray:
-    """Alpha of an ``shape = (H, W)`` image averaged over each stored cell: ``(t, t)`` float32
-    in ``[0, 1]``; all ones when ``alpha`` is None (see the module docstring)."""
-
-
-    spec = pre.spec
-    (in_h, in_w), p = spec.input_size, spec.patch_size
-    g_h, g_w = in_h // p, in_w // p
-    t = target or g_h
-    if alpha is None:
-        return np.ones((t, t), np.float32)
-    geo = pre.geometry(*shape)
-    if geo.resized_height * geo.resized_width > BOX_RESIZE_FACTOR * in_h * in_w:
-        a = _alpha_window(alpha, geo, in_h, in_w)
-    else:
-        a = cv2.resize(alpha.astype(np.float32) / 255.0,
-                       (geo.resized_width, geo.resized_height), interpolation=cv2.INTER_AREA)
-        a = a[geo.offset_y:geo.offset_y + in_h, geo.offset_x:geo.offset_x + in_w]
-    cells = a[:g_h * p, :g_w * p].reshape(g_h, p, g_w, p).mean(axis=(1, 3))
-    k = g_h // t
-    return cells.reshape(t, k, t, k).mean(axis=(1, 3)).astype(np.float32)
-
-
-def _alpha_window(alpha: np.ndarray, geo: Any, in_h: int, in_w: int) -> np.ndarray:
-    """The model-input window of the resized alpha, resizing only the original pixels under
-    it (as the preprocessing does above ``BOX_RESIZE_FACTOR``: a 1 x W strip would otherwise be
-    resized to 224 x 224W floats). The window is placed to the nearest resized pixel, so cells
-    differ from the full resize by a sub-pixel shift (under 0.05 on noise, tested)."""
-
-    h, w = alpha.shape
-    x0, y0 = geo.offset_x / geo.scale_x, geo.offset_y / geo.scale_y
-    x1, y1 = (geo.offset_x + in_w) / geo.scale_x, (geo.offset_y + in_h) / geo.scale_y
-    c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
-    c1, r1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
-    size = (max(in_w, int(round((c1 - c0) * geo.scale_x))),
-            max(in_h, int(round((r1 - r0) * geo.scale_y))))
-    a = cv2.resize(alpha[r0:r1, c0:c1].astype(np.float32) / 255.0, size,
-                   interpolation=cv2.INTER_AREA)
-    ox = min(int(round((x0 - c0) * geo.scale_x)), size[0] - in_w)
-    oy = min(int(round((y0 - r0) * geo.scale_y)), size[1] - in_h)
-    return a[oy:oy + in_h, ox:ox + in_w]
-
-
 @dataclass(frozen=True)
-class GridJob:
+class GridJob(ImageFolderJob):
     """Engine job of one split: one item per image file name in ``folder``, one piece each.
 
-    Picklable (no model): decoding, alpha compositing, preprocessing and the alpha mask run in
-    DataLoader workers. ``keys`` maps file name -> output key; ``duplicates`` file name ->
-    the earlier file with the same key (reported as a failure).
+    Decoding, alpha compositing, preprocessing and the alpha mask run in DataLoader workers.
+    ``keys`` maps file name -> output key (:func:`image_key`); ``duplicates`` file name -> the
+    earlier file with the same key (a failure row).
     """
 
-    folder: Path
-    names: tuple[str, ...]
-    keys: dict[str, str]
-    duplicates: dict[str, str]
     preprocessor: Preprocessor
     background: tuple[int, int, int]
     mask_target: int | None = None   # stored grid side when the job produces ``mask``
 
-    def items(self) -> list[str]:
-        return list(self.names)
+    def signature_extra(self, item: str) -> str:
+        return self.keys[item]
 
-    def signature(self, item: str) -> str:
+    def duplicate_failure(self, item: str) -> Failure:
+        return Failure(item, "duplicate_key", f"key {self.keys[item]!r} is already taken "
+                                              f"by {self.duplicates[item]}")
 
-        return file_signature([self.folder / item], extra=self.keys[item])
+    decode_error_code = "decode_error"
 
-    def load(self, item: str) -> list[Piece | Failure]:
-
-        if item in self.duplicates:
-            return [Failure(item, "duplicate_key", f"key {self.keys[item]!r} is already taken "
-                                                   f"by {self.duplicates[item]}")]
+    def load_item(self, item: str) -> list[Piece | Failure]:   # fast paths: arrays, no tensor
+        if self.preprocessor.path == "exact":
+            return super().load_item(item)
         try:
-            image = load_image(self.folder / item)
+            got = prepare_file(self.folder / item, self.preprocessor, lambda image:
+                               composite_alpha(image.rgb, image.alpha, self.background))
         except ImageDecodeError as e:
-            return [Failure(item, "decode_error", e.reason)]
+            return [Failure(item, self.decode_error_code, e.reason)]
+        image, arrays = got.image, dict(got.arrays)
+        if self.mask_target is not None and image is not None and image.alpha is not None:
+            arrays["mask"] = alpha_grid(image.alpha, image.rgb.shape[:2], self.preprocessor,
+                                        self.mask_target)
+        return [Piece(key=self.keys[item], tensor=None, arrays=arrays)]
+
+    def prepare(self, item: str, image: DecodedImage) -> list[Piece | Failure]:
         rgb = composite_alpha(image.rgb, image.alpha, self.background)
         arrays: dict[str, np.ndarray] = {}
         if self.mask_target is not None and image.alpha is not None:
@@ -270,11 +196,8 @@ def build_grid_job(folder: Path, paths: list[Path], rule: KeyRule, preprocessor:
                    background: tuple[int, int, int], mask_target: int | None) -> GridJob:
     """The :class:`GridJob` of one listed split folder."""
 
-    names = [p.name for p in paths]
-    keys = {n: image_key(n, rule) for n in names}
-    dupes = find_duplicate_keys(names, keys.__getitem__)
-    return GridJob(folder, tuple(names), keys, dupes, preprocessor,
-                   tuple(background), mask_target)
+    names, keys, dupes = index_folder([p.name for p in paths], lambda n: image_key(n, rule))
+    return GridJob(folder, names, keys, dupes, preprocessor, tuple(background), mask_target)
 
 
 @dataclass
@@ -293,10 +216,12 @@ class GridCompute:
     save_global: bool = False
     precision: Precision = "auto"
     dtype: str | None = None
+    pad_to: int = 0   # rows of every model call on the device paths (the engine's batch_size)
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
 
-        x = model_input(batch.inputs, self.encoder.spec, self.device)
+        x = batch_model_input(batch.inputs, batch.arrays, self.encoder.spec, self.device,
+                              self.pad_to)
         with autocast_for(self.device, self.precision):
             out = self.encoder(x)
         grid = arrange_grid(out.grid.float(), self.target, self.array_layout)
@@ -348,7 +273,7 @@ def run_grid_stage(plan: GridPlan, shared: SharedParams, params: GridParams) -> 
     device = rank_device(resolve_device(shared.device), init_distributed())
     encoder = load_encoder(plan.spec, device)
     compute = GridCompute(encoder, device, plan.grid, plan.array_layout, plan.save_global,
-                          params.precision, dtype=params.dtype)
+                          params.precision, dtype=params.dtype, pad_to=params.batch_size)
     results = [run_split(plan, params, name, folder, paths, compute)
                for name, (folder, paths) in splits.items()]
     finish_stage(plan.stage, params.out, results, params, extra={"inputs": inputs})
@@ -383,8 +308,8 @@ def run_split(plan: GridPlan, params: GridParams, split: str, folder: Path, path
 
     npy = params.layout == "npy"
     rule: KeyRule = "stem" if npy else "image_id"
-    job = build_grid_job(folder, paths, rule, Preprocessor(plan.spec), params.background,
-                         plan.grid if npy else None)
+    job = build_grid_job(folder, paths, rule, Preprocessor(plan.spec, params.preprocess),
+                         params.background, plan.grid if npy else None)
     out = Path(params.out) / split
     prov = grid_provenance(plan, params, split, folder, rule, compute.encoder)
     result = run_job(job, compute, stage=plan.stage, out=out, writer=params.layout,
@@ -425,7 +350,8 @@ def grid_provenance(plan: GridPlan, params: GridParams, split: str, folder: Path
         alpha="composited over background before encoding; mask = alpha averaged per cell",
         precision=params.precision,
         compute_precision=_compute_precision(encoder, params.precision),
-        host_path=HOST_PATH,
+        host_path=PREPROCESS_DESCRIPTIONS[params.preprocess] if params.preprocess != "exact"
+        else HOST_PATH, preprocess=params.preprocess,
     )
 
 

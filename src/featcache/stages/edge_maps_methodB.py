@@ -17,7 +17,7 @@ Model-free and CPU-only: the engine's DataLoader workers compute whole images in
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,7 +26,6 @@ import cv2
 import numpy as np
 
 from featcache.config import ParamError, require
-from featcache.datasets.images import find_duplicate_keys
 from featcache.datasets.sa1b import (
     Sa1bError,
     iter_instance_masks,
@@ -35,9 +34,10 @@ from featcache.datasets.sa1b import (
     read_image_size,
     read_sa1b_json,
 )
-from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
+from featcache.engine import WriterOptions, finish_stage, run_job
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
 from featcache.provenance import EdgeProvenance
+from featcache.stages._image_folder import ImageFolderJob, index_folder
 
 log = logging.getLogger(__name__)
 
@@ -146,38 +146,25 @@ def compute_image_edges(image_path: Path, kernel_size: int,
 
 
 @dataclass(frozen=True)
-class EdgeJob:
-    """Model-free engine job: one item per image file name in ``folder``, one piece per image.
+class EdgeJob(ImageFolderJob):
+    """Model-free engine job: one item per image file name in ``folder``, one piece per image,
+    keyed by its stem (two images with one stem: the later is a failure row). It reads the
+    image's header and its JSON, never its pixels (:meth:`load_item` replaces the decode)."""
 
-    ``duplicates`` maps an image name to the earlier image with the same stem (reported as a
-    failure: both would be the item ``<stem>``).
-    """
-
-    folder: Path
-    images: tuple[str, ...]
-    duplicates: Mapping[str, str]
     kernel_size: int
     sizes: tuple[int, ...]
 
-    def items(self) -> list[str]:
-        return list(self.images)
-
-    def signature(self, item: str) -> str:
-        """The image (its header gives the size checked against the JSON) and its JSON, by
-        content, and which earlier image it duplicates (if any)."""
-
+    def signature_files(self, item: str) -> list[Path]:
+        """The image (its header gives the size checked against the JSON) and its JSON."""
         image = self.folder / item
-        return file_signature([image, json_path_for(image)],
-                              extra=self.duplicates.get(item, ""))
+        return [image, json_path_for(image)]
 
-    def load(self, item: str) -> list[Piece | Failure]:
-        if item in self.duplicates:
-            return [Failure.duplicate_stem(item, self.duplicates[item])]
+    def load_item(self, item: str) -> list[Piece | Failure]:
         try:
             fields = compute_image_edges(self.folder / item, self.kernel_size, self.sizes)
         except Sa1bError as e:
             return [Failure(item, e.code, str(e))]
-        return [Piece(key=Path(item).stem, arrays=fields)]
+        return [Piece(key=self.keys[item], arrays=fields)]
 
 
 def build_edge_job(params: EdgeParams) -> EdgeJob:
@@ -186,10 +173,9 @@ def build_edge_job(params: EdgeParams) -> EdgeJob:
     if not folder.is_dir():
         raise ParamError(f"{STAGE}.sa1b: folder not found: {folder}")
     paths = list_sa1b_images(folder)
-    dupes = find_duplicate_keys([p.name for p in paths])
     if not paths:
         log.warning("no images in %s", folder)
-    return EdgeJob(folder, tuple(p.name for p in paths), dupes, params.kernel_size,
+    return EdgeJob(folder, *index_folder([p.name for p in paths]), params.kernel_size,
                    tuple(params.sizes))
 
 

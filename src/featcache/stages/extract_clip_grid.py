@@ -23,7 +23,8 @@ from featcache.config import SharedParams, require
 from featcache.encoders.openclip import load_openclip, resolve_openclip_spec
 from featcache.encoders.weights import resolve_stage_spec
 from featcache.engine.types import RunResult
-from featcache.stages._grids import GridParams, GridPlan, check_target_grid, run_grid_stage
+from featcache.stages._grid_geometry import check_target_grid
+from featcache.stages._grids import GridParams, GridPlan, run_grid_stage
 
 STAGE = "extract_clip_grid"
 

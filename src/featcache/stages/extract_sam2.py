@@ -37,16 +37,18 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from featcache.config import ParamError, SharedParams, require
-from featcache.datasets.images import ImageDecodeError, find_duplicate_keys, list_images, load_image
+from featcache.datasets.images import DecodedImage, ImageDecodeError, list_images
 from featcache.encoders import Preprocessor, resolve_device
-from featcache.encoders.preprocess import model_input
+from featcache.encoders.device_input import batch_model_input
+from featcache.encoders.preprocess import PREPROCESS_DESCRIPTIONS, PreprocessPath, prepare_file
 from featcache.encoders.sam2 import CONFIGS, load_sam2, resolve_sam2_spec
 from featcache.encoders.weights import resolve_stage_spec
-from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
+from featcache.engine import WriterOptions, finish_stage, run_job
 from featcache.engine.distributed import init_distributed, rank_device
 from featcache.engine.inference import autocast_for, resolve_precision, to_storage
 from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult
 from featcache.provenance import Sam2Provenance, encoder_facts
+from featcache.stages._image_folder import ImageFolderJob, index_folder
 
 if TYPE_CHECKING:
     import torch
@@ -84,6 +86,7 @@ class Sam2Params(ModelParams):
     config: str = "sam2.1_hiera_t"
     dtype: Literal["fp16", "fp32"] = "fp16"
     layout: Literal["shards", "npz"] = "shards"
+    preprocess: PreprocessPath = "exact"   # exact | fast | gpu_decode (README "Fast preprocessing")
 
     def validate(self) -> None:
         super().validate()
@@ -95,36 +98,26 @@ class Sam2Params(ModelParams):
 
 
 @dataclass(frozen=True)
-class Sam2Job:
-    """Engine job: one item per image file name in ``folder``, one piece per image.
+class Sam2Job(ImageFolderJob):
+    """Engine job: one item per image file name in ``folder``, one piece per image, keyed by
+    its stem (two images with one stem: the later is a failure row). Picklable: holds the
+    preprocessor, never the model."""
 
-    ``duplicates`` maps an image name to the earlier image with the same stem (a failure: both
-    would be the item ``<stem>``). Picklable: holds the preprocessor, never the model.
-    """
-
-    folder: Path
-    images: tuple[str, ...]
-    duplicates: Mapping[str, str]
     preprocess: Preprocessor
 
-    def items(self) -> list[str]:
-        return list(self.images)
+    def prepare(self, item: str, image: DecodedImage) -> list[Piece | Failure]:
+        """One piece with ``tensor [3, S, S]`` (the workers' model input)."""
+        return [Piece(key=self.keys[item], tensor=self.preprocess.prepare(image.rgb))]
 
-    def signature(self, item: str) -> str:
-        """The image file's content, and which earlier image it duplicates (if any): removing
-        that one turns this item from a failure into features."""
-
-        return file_signature([self.folder / item], extra=self.duplicates.get(item, ""))
-
-    def load(self, item: str) -> list[Piece | Failure]:
-        """Decode and preprocess one image: a piece with ``tensor [3, S, S] float32``."""
-        if item in self.duplicates:
-            return [Failure.duplicate_stem(item, self.duplicates[item])]
+    def load_item(self, item: str) -> list[Piece | Failure]:
+        """The exact path as the base does; the fast paths: the device's arrays, no tensor."""
+        if self.preprocess.path == "exact":
+            return super().load_item(item)
         try:
-            rgb = load_image(self.folder / item).rgb
+            got = prepare_file(self.folder / item, self.preprocess, lambda image: image.rgb)
         except ImageDecodeError as e:
-            return [Failure(item, "bad_image", e.reason)]
-        return [Piece(key=Path(item).stem, tensor=self.preprocess.prepare(rgb))]
+            return [Failure(item, self.decode_error_code, e.reason)]
+        return [Piece(key=self.keys[item], tensor=None, arrays=got.arrays)]
 
 
 def build_sam2_job(params: Sam2Params, preprocess: Preprocessor) -> Sam2Job:
@@ -135,7 +128,7 @@ def build_sam2_job(params: Sam2Params, preprocess: Preprocessor) -> Sam2Job:
     names = [p.name for p in list_images(folder)]
     if not names:
         log.warning("no images in %s", folder)
-    return Sam2Job(folder, tuple(names), find_duplicate_keys(names), preprocess)
+    return Sam2Job(folder, *index_folder(names), preprocess)
 
 
 def compute_precision(device: torch.device, dtype: str, requested: str = "auto") -> str:
@@ -155,13 +148,15 @@ class Sam2Compute:
     """
 
     def __init__(self, encoder: Encoder, device: torch.device,
-                 precision: str, dtype: str | None = None) -> None:
+                 precision: str, dtype: str | None = None, pad_to: int = 0) -> None:
         self.encoder, self.device, self.precision = encoder, device, precision
         self.dtype = dtype   # the storage dtype, cast on the device (None: float32)
+        self.pad_to = pad_to   # rows of every model call on the device paths (batch_size)
 
     def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
 
-        x = model_input(batch.inputs, self.encoder.spec, self.device)
+        x = batch_model_input(batch.inputs, batch.arrays, self.encoder.spec, self.device,
+                              self.pad_to)
         with autocast_for(self.device, self.precision):
             levels = self.encoder(x).levels
         return feature_fields({k: to_storage(levels[k].float(), self.dtype)
@@ -213,7 +208,10 @@ def sam2_provenance(encoder: Encoder, params: Sam2Params, precision: str) -> Sam
         raw_levels="raw backbone_fpn levels: SAM2's conv_s0/conv_s1 (mask decoder) and "
                    "no_mem_embed are NOT applied",
         input="load_image RGB (EXIF applied, alpha ignored), squashed to S x S "
-              "as SAM2Transforms (bilinear, antialiased), ImageNet mean/std",
+              "as SAM2Transforms (bilinear, antialiased), ImageNet mean/std"
+              + ("" if params.preprocess == "exact"
+                 else f"; {PREPROCESS_DESCRIPTIONS[params.preprocess]}"),
+        preprocess=params.preprocess,
     )
 
 
@@ -240,15 +238,15 @@ def extract_sam2(shared: SharedParams, params: Sam2Params) -> RunResult:
     """
 
     spec = resolve_stage_spec(resolve_sam2_spec, params.config, stage=STAGE,
-                              weights=shared.weights, weights_key=shared.weights_key,
-                              seed=shared.seed, key=f"{STAGE}.config")
+                              shared=shared, key=f"{STAGE}.config")
     device = rank_device(resolve_device(shared.device), init_distributed())
-    job = build_sam2_job(params, Preprocessor(spec))
+    job = build_sam2_job(params, Preprocessor(spec, params.preprocess))
     encoder = load_sam2(spec, device)
     precision = compute_precision(device, params.dtype, params.precision)
     # the same options in both layouts, so that switching the layout reuses every shard
     options = WriterOptions(dtype=params.dtype, suffix=OUTPUT_SUFFIX, aliases=NPZ_ALIASES)
-    result = run_job(job, Sam2Compute(encoder, device, precision, params.dtype), stage=STAGE,
+    result = run_job(job, Sam2Compute(encoder, device, precision, params.dtype,
+                                         params.batch_size), stage=STAGE,
                      out=params.out, writer=params.layout, writer_options=options,
                      provenance=sam2_provenance(encoder, params, precision).to_dict(),
                      fingerprint=sam2_fingerprint(params, encoder, precision),
