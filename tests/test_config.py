@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pytest
 import yaml
 
-from featcache.config import ParamError, load_stage_params, require
+from featcache.config import (SHARED_KEYS, STAGE_SECTIONS, ParamError, SharedParams,
+                              load_shared, load_stage_params, read_params_file, require)
 from featcache.engine import EngineParams
 
 
@@ -45,8 +47,11 @@ def load(tmp_path, section: dict, **shared):
 
 def test_valid_section_loads_into_typed_dataclass(tmp_path):
     shared, p = load(tmp_path, {"out": "x", "ratio": 1, "splits": [{"name": "a", "images": "b"}]},
-                     model="ViT-L-14", runtime={"download": {"batch_size": 4}})
-    assert shared.model == "ViT-L-14" and shared.weights == "random"
+                     model="ViT-L-14", weights="ViT-L-14/openai",
+                     runtime={"download": {"batch_size": 4}})
+    assert (shared.model, shared.weights, shared.weights_key) == ("ViT-L-14", "ViT-L-14/openai",
+                                                                 "weights")
+    assert shared.seed == SharedParams().seed          # a key left out keeps its default
     assert p.ratio == 1.0 and isinstance(p.ratio, float)
     assert p.splits == [Split(name="a", images="b")] and p.batch_size == 4
 
@@ -88,12 +93,15 @@ def test_unknown_top_level_key_is_refused(tmp_path):
 
 
 def test_repository_params_yaml_has_only_known_keys():
-    from pathlib import Path
-
-    from featcache.config import STAGE_SECTIONS, load_shared, read_params_file
-
+    """Whatever experiment is committed: every key is known and each stage's device is its
+    ``runtime.<stage>.device`` or else ``runtime.device``."""
     data = read_params_file(Path(__file__).parents[1] / "params.yaml")
+    assert set(data) <= {*SHARED_KEYS, "runtime", *STAGE_SECTIONS}
     shared = load_shared(data)
-    assert shared.weights == "random" and shared.device == "auto"  # the offline demo defaults
+    assert shared.model == data.get("model", SharedParams().model)
+    runtime = data.get("runtime") or {}
+    default = runtime.get("device", shared.device)
     for stage in STAGE_SECTIONS:
-        assert load_shared(data, stage).device == "auto"
+        assert stage in data, f"{stage}: section missing from params.yaml"
+        want = (runtime.get(stage) or {}).get("device", default)
+        assert load_shared(data, stage).device == want, stage

@@ -79,17 +79,19 @@ def test_stage_without_the_fields_gets_only_the_device(tmp_path):
 
 
 def test_repository_params_yaml_runtime_per_stage(monkeypatch):
-    """The batch sizes the stage sections had; workers ``auto`` (was 2) but point feats 0."""
+    """Whatever is committed: each stage gets its ``runtime.<stage>`` knobs, else the
+    ``runtime`` defaults, with ``num_workers: auto`` resolved to the usable cores - 1."""
     monkeypatch.setattr(config, "available_cpus", lambda: 9)
     data = read_params_file(ROOT / "params.yaml")
     assert "runtime" in data and "device" not in data
-    want = {"extract_clip_grid": (16, 8), "extract_dinov2": (16, 8), "extract_siglip": (32, 8),
-            "extract_sam2": (2, 8), "edge_maps_methodB": (16, 8), "build_uv_index": (16, 8),
-            "sample_point_feats": (16, 0)}
-    for stage, (batch_size, num_workers) in want.items():
+    raw = data["runtime"]
+    defaults = {k: raw.get(k, getattr(config.RuntimeParams(), k)) for k in config.RUNTIME_KEYS}
+    for stage in config.STAGE_SECTIONS:
+        want = {**defaults, **(raw.get(stage) or {})}
         runtime = load_runtime(data, stage)
-        assert (runtime.batch_size, runtime.resolved_num_workers()) == (batch_size, num_workers)
-        assert runtime.device == "auto"
+        assert (runtime.device, runtime.batch_size) == (want["device"], want["batch_size"])
+        workers = 8 if want["num_workers"] == "auto" else want["num_workers"]
+        assert runtime.resolved_num_workers() == workers, stage
 
 
 @pytest.mark.parametrize("doc, key, hint", [
@@ -180,9 +182,10 @@ def status(repo: Path) -> dict[str, Any]:
     return json.loads(sh(["dvc", "status", "--json"], repo).stdout or "{}")
 
 
-def status_after(repo: Path, key: str, value: Any) -> dict[str, Any]:
-    """`dvc status --json` with params.yaml's dotted ``key`` set to ``value`` (then restored);
-    the edited file must still load for every stage."""
+def status_after(repo: Path, key: str, values: tuple[Any, ...]) -> dict[str, Any]:
+    """`dvc status --json` with params.yaml's dotted ``key`` set to the first of ``values``
+    that differs from the committed one (then restored); the edited file must still load for
+    every stage."""
     path = repo / "params.yaml"
     text = path.read_text()
     doc = yaml.safe_load(text)
@@ -190,8 +193,7 @@ def status_after(repo: Path, key: str, value: Any) -> dict[str, Any]:
     node = doc
     for name in parents:
         node = node.setdefault(name, {})
-    assert node.get(last) != value, f"{key} is already {value!r}"
-    node[last] = value
+    node[last] = next(v for v in values if v != node.get(last))
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     try:
         for stage in config.STAGE_SECTIONS:
@@ -214,31 +216,32 @@ def downstream(repo: Path, stages: set[str]) -> set[str]:
         found |= more
 
 
-@pytest.mark.parametrize("key, value", [
-    ("runtime.device", "cpu"),
-    ("runtime.num_workers", 1),
-    ("runtime.batch_size", 3),
-    ("runtime.extract_siglip.batch_size", 64),
-    ("runtime.extract_dinov2.num_workers", 0),  # a new override
+# two values per key: the first that differs from the committed params.yaml is used
+@pytest.mark.parametrize("key, values", [
+    ("runtime.device", ("cpu", "cuda")),
+    ("runtime.num_workers", (1, 2)),
+    ("runtime.batch_size", (3, 5)),
+    ("runtime.extract_siglip.batch_size", (64, 48)),
+    ("runtime.extract_dinov2.num_workers", (0, 1)),  # a new override
 ])
-def test_runtime_knobs_invalidate_nothing(committed, key, value):
-    assert status_after(committed, key, value) == {}
+def test_runtime_knobs_invalidate_nothing(committed, key, values):
+    assert status_after(committed, key, values) == {}
 
 
 # verify depends on every stage's section: it compares each output's provenance with it
-@pytest.mark.parametrize("key, value, changed, rebuilt", [
-    ("extract_clip_grid.grid", 7, {"extract_clip_grid", "verify"},
+@pytest.mark.parametrize("key, values, changed, rebuilt", [
+    ("extract_clip_grid.grid", (7, 0), {"extract_clip_grid", "verify"},
      {"extract_clip_grid", "sample_point_feats", "verify"}),
-    ("extract_siglip.pad_ratio", 0.2, {"extract_siglip", "verify"},
+    ("extract_siglip.pad_ratio", (0.2, 0.3), {"extract_siglip", "verify"},
      {"extract_siglip", "verify"}),
-    ("edge_maps_methodB.kernel_size", 5, {"edge_maps_methodB", "verify"},
+    ("edge_maps_methodB.kernel_size", (5, 7), {"edge_maps_methodB", "verify"},
      {"edge_maps_methodB", "verify"}),
-    ("model", "ViT-L-14", {"extract_clip_grid", "verify"},  # verify's spot check runs the model
-     {"extract_clip_grid", "sample_point_feats", "verify"}),
+    ("model", ("ViT-L-14", "ViT-B-32"), {"extract_clip_grid", "verify"},  # verify's spot check
+     {"extract_clip_grid", "sample_point_feats", "verify"}),             # runs the model
 ])
-def test_method_knobs_invalidate_their_stage_and_dependents(committed, key, value, changed,
+def test_method_knobs_invalidate_their_stage_and_dependents(committed, key, values, changed,
                                                              rebuilt):
-    report = status_after(committed, key, value)
+    report = status_after(committed, key, values)
     assert set(report) == changed, report
     top = key.split(".")[0]
     for stage in changed:  # each for its own params, not for a changed input
