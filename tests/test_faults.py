@@ -8,31 +8,26 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from test_hardening import NamedJob
 
-from featcache.engine import EngineParams, WriterOptions, finish_stage, run_job
+from featcache.encoders import resolve_spec
+from featcache.encoders import weights as W
+from featcache.engine import EngineParams, WriterOptions, atomic, finish_stage, run_job, runner
+from featcache.engine.cli import run_stage
 from featcache.engine.types import Failure, Piece
 from featcache.reader import open_features
-from featcache.engine.cli import run_stage
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_hardening import NamedJob  # noqa: E402
 
 KEYS = [f"k{i:02d}" for i in range(24)]
 
 
 @pytest.fixture(autouse=True)
-def _in_tmp(tmp_path):
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    yield
-    os.chdir(cwd)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # restored after the test, even when it fails
 
 
 def _stage(job, out: Path, layout: str = "npz", workers: int = 0):
@@ -62,8 +57,6 @@ def _tree(path: Path) -> dict[str, bytes]:
 
 def test_disk_full_is_one_line_naming_the_path_and_a_rerun_loses_nothing(tmp_path, monkeypatch,
                                                                          caplog):
-    from featcache.engine import runner
-
     _stage(NamedJob(KEYS), tmp_path / "ref" / "out")
     real, calls = runner.write_shard, []
 
@@ -85,8 +78,6 @@ def test_disk_full_is_one_line_naming_the_path_and_a_rerun_loses_nothing(tmp_pat
 
 
 def test_disk_full_in_a_per_item_file_names_the_file(tmp_path, monkeypatch, caplog):
-    import featcache.engine.atomic as atomic
-
     real = atomic.os.replace
 
     def full(src, dst):
@@ -131,8 +122,6 @@ class _Code:
 
 
 def test_refused_checkpoint_is_one_line_without_the_unsafe_advice(tmp_path, caplog):
-    from featcache.encoders import weights as W
-
     torch.save({"w": torch.zeros(2), "x": _Code()}, tmp_path / "evil.pt")
     for load in (lambda: W.load_state_dict_file(tmp_path / "evil.pt"),   # our loader
                  lambda: torch.load(tmp_path / "evil.pt", weights_only=True)):  # open_clip's
@@ -145,8 +134,6 @@ def test_refused_checkpoint_is_one_line_without_the_unsafe_advice(tmp_path, capl
 
 
 def test_missing_checkpoint_path_exits_2_as_the_readme_says(tmp_path, caplog):
-    from featcache.encoders import resolve_spec
-
     assert _exit_code(lambda: resolve_spec("open_clip", "featcache-tiny-vit",
                                            weights=str(tmp_path / "nope.pt"))) == 2
     (line,) = _errors(caplog)
