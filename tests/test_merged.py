@@ -10,31 +10,39 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from featcache.engine.atomic import save_npz
 from featcache.config import build_dataclass
-from featcache.stages.edge_maps_methodB import EdgeParams, run_edge_maps
-from featcache.merged import edges_path, features_path, list_merged_stems, load_merged
+from featcache.engine import EngineParams, Piece, run_job
+from featcache.engine.atomic import save_npz
+from featcache.engine.writers import NpzWriter, WriterOptions
+from featcache.merged import edges_path, features_path, list_merged_stems, load_merged, read_npz
+from featcache.stages import edge_maps_methodB, extract_sam2
+from featcache.stages.edge_maps_methodB import EdgeParams, edge_fields, run_edge_maps
+from featcache.stages.extract_sam2 import feature_fields
 
 SEED_KEYS = {"P4_S16", "P5_S32", "IMAGE_EMB_S16", "feature_flag",
              "edge_256x256", "edge_64x64", "edge_32x32", "edge_flag", "edge_version"}
 
 
 def write_features(folder: Path, stem: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """A features file shaped like extract_sam2's (small random values)."""
+    """``<stem>_features.npz`` as extract_sam2 writes it (its fields, its npz writer options),
+    from random 1024-input levels; returns what the file holds."""
     rng = np.random.default_rng(seed)
-    p4 = rng.standard_normal((256, 64, 64)).astype(np.float16)
-    arrays = {"P4_S16": p4, "P5_S32": rng.standard_normal((256, 32, 32)).astype(np.float16),
-              "IMAGE_EMB_S16": p4, "feature_flag": np.array(1, dtype=np.uint8)}
-    save_npz(features_path(folder, stem), arrays)
-    return arrays
+    levels = {"P4_S16": rng.standard_normal((1, 256, 64, 64), np.float32),
+              "P5_S32": rng.standard_normal((1, 256, 32, 32), np.float32)}
+    options = WriterOptions(dtype="fp16", suffix=extract_sam2.OUTPUT_SUFFIX,
+                            aliases=extract_sam2.NPZ_ALIASES)
+    with NpzWriter(folder, provenance={}, options=options) as writer:
+        writer.write([stem], feature_fields(levels, 1024))
+    return read_npz(features_path(folder, stem))
 
 
 def write_edges(folder: Path, stem: str) -> dict[str, np.ndarray]:
-    arrays = {f"edge_{s}x{s}": (np.arange(s * s).reshape(s, s) % 3 == 0).astype(np.uint8)
-              for s in (256, 64, 32)}
-    arrays |= {"edge_flag": np.array(1, dtype=np.uint8), "edge_version": np.array("B_v1")}
-    save_npz(edges_path(folder, stem), arrays)
-    return arrays
+    """``<stem>_edges.npz`` as edge_maps_methodB writes it, from a striped edge map."""
+    edge = np.arange(300 * 400).reshape(300, 400) % 3 == 0
+    options = WriterOptions(suffix=edge_maps_methodB.OUTPUT_SUFFIX)
+    with NpzWriter(folder, provenance={}, options=options) as writer:
+        writer.write([stem], {k: v[None] for k, v in edge_fields(edge, (256, 64, 32)).items()})
+    return read_npz(edges_path(folder, stem))
 
 
 def test_merges_both_files_with_seed_keys(tmp_path: Path) -> None:
@@ -104,8 +112,6 @@ def test_merges_real_edge_stage_output(tmp_path: Path, monkeypatch: pytest.Monke
 def test_sharded_outputs_merge_like_the_seed_files(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Both stages' default layout: P4 is stored once, IMAGE_EMB_S16 comes back as P4."""
-    from featcache.engine import EngineParams, Piece, run_job
-
     monkeypatch.chdir(tmp_path)
     files = {stem: write_features(tmp_path / "npz", stem, seed=i)
              for i, stem in enumerate(("sa_1", "sa_2"))}
