@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -149,9 +150,13 @@ def test_bad_params_name_the_key(tmp_path: Path, key: str, value: object) -> Non
 
 
 def test_repository_params_section_is_valid() -> None:
-    _, params = load_stage_params(SECTION, EdgeParams,
-                                  Path(__file__).resolve().parents[1] / "params.yaml")
-    assert params.kernel_size == 3 and params.sizes == (256, 64, 32)
+    """Whatever is committed loads, with its input folder under the top-level ``data``."""
+    path = Path(__file__).resolve().parents[1] / "params.yaml"
+    _, params = load_stage_params(SECTION, EdgeParams, path)
+    raw = yaml.safe_load(path.read_text())
+    section = raw[SECTION]
+    assert (params.kernel_size, list(params.sizes)) == (section["kernel_size"], section["sizes"])
+    assert params.sa1b == (Path(raw.get("data", ".")) / section["sa1b"]).as_posix()
 
 
 def test_missing_input_folder_fails_before_work(tmp_path: Path,
@@ -208,7 +213,7 @@ def test_stage_writes_edges_and_failures(tmp_path: Path,
     assert open_features(out, field="edge_32x32")["sa_4"].sum() > 0  # uncompressed counts
     assert not store["sa_2"]["edge_32x32"].any() and store["sa_2"]["edge_flag"] == 1
     assert failure_rows(out) == {"sa_3.png": "bad_rle", "sa_5.png": "size_mismatch",
-                                 "sa_6.png": "missing_json", "sa_1.webp": "duplicate_stem"}
+                                 "sa_6.png": "missing_file", "sa_1.webp": "duplicate_key"}
     assert json.loads((tmp_path / "metrics" / f"{SECTION}.json").read_text())["failed"] == 4
     prov = store.provenance
     assert prov["kernel_size"] == 3 and prov["layout"] == "shards" and prov["sizes"] == [32, 8]
