@@ -231,6 +231,7 @@ def test_provenance_names_encoder_weights_and_raw_levels(world, fp16_run) -> Non
     assert prov["weights_id"].startswith("sha256:") and prov["storage_dtype"] == "fp16"
     assert "conv_s0" in prov["raw_levels"] and "no_mem_embed" in prov["raw_levels"]
     assert prov["preprocessing"]["input_size"] == [1024, 1024]
+    assert "dtype" not in prov   # the storage dtype has one key in every output
     assert prov["layout"] == "shards" and prov["stage"] == STAGE
     assert sorted(prov["keys"]) == sorted(STORED)
 

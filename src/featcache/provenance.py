@@ -294,7 +294,7 @@ class UvIndexProvenance(OutputProvenance):
 
     KIND: ClassVar[str] = "uv index"
 
-    params: dict[str, Any]
+    params: dict[str, Any] = field()   # required here (field(): not the base's None default)
     conventions: str = ""
     intrinsics: dict[str, Any] = field(default_factory=dict)
 
@@ -332,7 +332,7 @@ class PointFeatsProvenance(OutputProvenance):
 
     KIND: ClassVar[str] = "point features"
 
-    params: dict[str, Any]
+    params: dict[str, Any] = field()   # required here (field(): not the base's None default)
     notes: str = ""
     clip_grid: dict[str, GridSource] = field(default_factory=dict)
 
