@@ -14,8 +14,14 @@ from typing import Any
 import pytest
 import yaml
 
-from featcache.config import ParamError, load_stage_params
-from test_runtime_knobs import committed, status  # noqa: F401  (the fixture)
+from featcache.config import DATA_PATHS, ParamError, SharedParams, load_stage_params
+from featcache.encoders.openclip import resolve_openclip_spec
+from featcache.encoders.weights import resolve_stage_spec
+from featcache.stages.extract_sam2 import Sam2Params
+from featcache.stages.extract_siglip import SiglipParams
+from featcache.stages.sample_point_feats import PointFeatsParams
+from featcache.stages.verify import VerifyParams
+from test_runtime_knobs import committed, sh, status  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -65,14 +71,10 @@ def test_verify_and_point_feats_follow_a_stage_out(committed):  # noqa: F811
 
 
 def load_verify(repo: Path):
-    from featcache.stages.verify import VerifyParams
-
     return load_stage_params("verify", VerifyParams, repo / "params.yaml")
 
 
 def test_a_path_written_twice_is_refused(committed, tmp_path):  # noqa: F811
-    from featcache.stages.sample_point_feats import PointFeatsParams
-
     doc = yaml.safe_load((committed / "params.yaml").read_text())
     doc["sample_point_feats"]["uv_index"] = "data/features/uv_index"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
@@ -82,41 +84,43 @@ def test_a_path_written_twice_is_refused(committed, tmp_path):  # noqa: F811
 
 
 def test_one_data_key_moves_every_stage_to_the_new_data(committed):  # noqa: F811
-    real = committed / "data" / "raw" / "real"
+    new = "data/raw/moved_by_test"
+    doc = yaml.safe_load((committed / "params.yaml").read_text())
     for sub in ("coco", "sa1b", "scannet", "images"):
-        (real / sub).mkdir(parents=True, exist_ok=True)
-        (real / sub / "placeholder").write_text("other data")
-    with edited(committed / "params.yaml", set_param("data", "data/raw/real")):
+        (committed / new / sub).mkdir(parents=True, exist_ok=True)
+        (committed / new / sub / "placeholder").write_text("other data")
+    # each stage's input folder, relative to `data` (config.DATA_PATHS); verify reads `data`
+    readers = {stage: (Path(new) / doc[stage].get(key, ".")).as_posix()
+               for stage, key in DATA_PATHS.items() if stage != "download"}
+    readers["verify"] = new
+    with edited(committed / "params.yaml", set_param("data", new)):
         report = status(committed)
-        readers = {"extract_clip_grid": "data/raw/real", "extract_dinov2": "data/raw/real",
-                   "extract_siglip": "data/raw/real/coco", "extract_sam2": "data/raw/real/sa1b",
-                   "edge_maps_methodB": "data/raw/real/sa1b",
-                   "build_uv_index": "data/raw/real/scannet", "verify": "data/raw/real"}
         for stage, path in readers.items():
             assert path in changed_paths(report, stage), (stage, report.get(stage))
-            assert not {p for p in changed_paths(report, stage) if "raw/sample" in p}
-        assert "data/raw/real" in changed_paths(report, "download", "changed outs")
+            assert not {p for p in changed_paths(report, stage)
+                        if f"{p}/".startswith(f"{doc['data']}/")}
+        assert new in changed_paths(report, "download", "changed outs")
         # sample_point_feats reads no raw data: only the outputs upstream of it (re-run by them)
         assert "sample_point_feats" not in report
-        from featcache.stages.extract_siglip import SiglipParams
-
         _, siglip = load_stage_params("extract_siglip", SiglipParams, committed / "params.yaml")
-        assert siglip.coco == "data/raw/real/coco"
+        assert siglip.coco == readers["extract_siglip"]
     assert status(committed) == {}
 
 
 def test_each_model_stage_has_its_own_weights(committed):  # noqa: F811
-    from featcache.stages.extract_sam2 import Sam2Params
-    from featcache.stages.extract_siglip import SiglipParams
-
     params = committed / "params.yaml"
-    with edited(params, set_param("extract_sam2.weights", "pretrained")):
+    doc = yaml.safe_load(params.read_text())
+    weights = next(w for w in ("pretrained", "random") if w != doc["extract_sam2"].get("weights"))
+    own = doc["extract_siglip"].get("weights")   # siglip keeps what it had
+    siglip_weights = ((own, "extract_siglip.weights") if own else
+                      (doc.get("weights", SharedParams().weights), "weights"))
+    with edited(params, set_param("extract_sam2.weights", weights)):
         report = status(committed)
         assert set(report) == {"extract_sam2", "verify"}, report
         shared, _ = load_stage_params("extract_sam2", Sam2Params, params)
-        assert (shared.weights, shared.weights_key) == ("pretrained", "extract_sam2.weights")
+        assert (shared.weights, shared.weights_key) == (weights, "extract_sam2.weights")
         shared, _ = load_stage_params("extract_siglip", SiglipParams, params)
-        assert (shared.weights, shared.weights_key) == ("random", "weights")
+        assert (shared.weights, shared.weights_key) == siglip_weights
 
 
 @pytest.mark.parametrize("module, stages", [
@@ -135,3 +139,60 @@ def test_editing_one_family_module_invalidates_only_its_stages(committed, module
         assert any(p.endswith(f"encoders/{module}") or p.endswith("src/featcache/encoders")
                    for p in changed_paths(report, stage)), report[stage]
     assert status(committed) == {}
+
+
+MODEL_STAGES = {"extract_clip_grid", "extract_dinov2", "extract_siglip", "extract_sam2"}
+
+
+def test_a_checkpoint_replaced_in_place_reruns_the_model_stages(committed):  # noqa: F811
+    ckpt = committed / "checkpoints" / "mine.pt"
+    params = committed / "params.yaml"
+    ckpt.write_bytes(b"first weights")
+    with edited(params, set_param("extract_sam2.weights", "checkpoints/mine.pt")):
+        sh(["dvc", "commit", "-f", "-q"], committed)  # the run that used the first file
+        assert status(committed) == {}
+        ckpt.write_bytes(b"other weights, same name")
+        report = status(committed)
+        # every model stage depends on the folder (and verify spot-checks with the weights);
+        # the engine's cache key holds the checkpoint's sha256, so only extract_sam2 recomputes
+        assert set(report) == MODEL_STAGES | {"verify"}, report
+        for stage in report:
+            assert "checkpoints" in changed_paths(report, stage), report[stage]
+    ckpt.unlink()
+    sh(["dvc", "commit", "-f", "-q"], committed)
+    assert status(committed) == {}
+
+
+def test_fetched_weights_are_downloads_output_and_the_model_stages_input(committed):  # noqa: F811
+    stages = yaml.safe_load((committed / "dvc.yaml").read_text())["stages"]
+    assert "${weights_dir}" in stages["download"]["outs"]
+    fetched = committed / "data" / "weights" / "sam2.1_hiera_tiny.pt"
+    fetched.write_bytes(b"fetched by download.weights")
+    try:
+        report = status(committed)
+        assert "data/weights" in changed_paths(report, "download", "changed outs"), report
+        for stage in MODEL_STAGES | {"verify"}:
+            assert "data/weights" in changed_paths(report, stage), report
+        assert not {"edge_maps_methodB", "build_uv_index"} & set(report), report
+    finally:
+        fetched.unlink()
+    assert status(committed) == {}
+
+
+def test_a_checkpoint_outside_the_tracked_folders_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere" / "ViT-B-16.pt"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"x")
+    shared = SharedParams(weights=str(elsewhere), weights_key="extract_clip_grid.weights")
+    with pytest.raises(ParamError, match=r"extract_clip_grid\.weights: .*outside checkpoints/ "
+                                         r"and data/weights/.*set extract_clip_grid\.weights: "
+                                         r"checkpoints/ViT-B-16\.pt"):
+        resolve_stage_spec(resolve_openclip_spec, "ViT-B-16", stage="extract_clip_grid",
+                           shared=shared)
+    inside = tmp_path / "checkpoints" / "ViT-B-16.pt"
+    inside.parent.mkdir()
+    inside.write_bytes(b"x")
+    spec = resolve_stage_spec(resolve_openclip_spec, "ViT-B-16", stage="extract_clip_grid",
+                              shared=SharedParams(weights="checkpoints/ViT-B-16.pt"))
+    assert spec.weights == "checkpoints/ViT-B-16.pt"
