@@ -22,10 +22,9 @@ run. Scale the CPU out with processes (``torchrun``), not threads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,9 +36,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featcache.engine.atomic import atomic_path, remove_stale_temps, stale_temps, with_path
+from featcache.engine.atomic import (
+    atomic_path,
+    remove_stale_temps,
+    stale_temps,
+    with_path,
+)
 from featcache.engine.code import code_identity
 from featcache.engine.distributed import DistContext, init_distributed
+from featcache.engine.loading import item_signatures, load_items, make_batch
 from featcache.engine.reuse import link_or_copy, previous_shards
 from featcache.engine.scratch import SCRATCH_ROOT, fingerprint_of, safe_name
 from featcache.engine.shards import (
@@ -65,26 +70,6 @@ Compute = Callable[[Batch], dict[str, np.ndarray]]
 SHARD_RANGE_ENV = "FEATCACHE_SHARDS"   # "k/n": compute every n-th shard from k, then stop
 
 
-def _passthrough(x: Any) -> Any:
-    return x
-
-
-def make_batch(pieces: list[Piece], pad_to: int = 0) -> Batch:
-    """Stack the pieces' tensors and gather their arrays, in order. With ``pad_to`` the
-    inputs get zero rows up to that many (keys and arrays are not padded). A piece without one
-    of the arrays others have gets ``None`` in that list (optional fields, e.g. alpha masks)."""
-    tensors = [p.tensor for p in pieces]
-    inputs = None
-    if tensors and tensors[0] is not None:
-        inputs = torch.stack(tensors)
-        if pad_to > len(tensors):
-            pad = inputs.new_zeros((pad_to - len(tensors), *inputs.shape[1:]))
-            inputs = torch.cat([inputs, pad])
-    names = list(dict.fromkeys(n for p in pieces for n in p.arrays))
-    arrays = {n: [p.arrays.get(n) for p in pieces] for n in names}
-    return Batch(keys=[p.key for p in pieces], inputs=inputs, arrays=arrays)
-
-
 @dataclass
 class _Planned:
     """One shard of the plan: members, their identities, and where earlier rows are."""
@@ -97,65 +82,6 @@ class _Planned:
 
     def __post_init__(self) -> None:
         self.name = shard_name(shard_identity(self.member_ids))
-
-
-ITEM_TIMEOUT_ENV = "FEATCACHE_ITEM_TIMEOUT_S"   # seconds one item's load may take; 0 = none
-DEFAULT_ITEM_TIMEOUT_S = 600.0
-
-
-class ItemTimeout(Exception):
-    """An item's load ran past the item timeout (a hung read or decoder)."""
-
-
-def item_timeout_s() -> float:
-    """``$FEATCACHE_ITEM_TIMEOUT_S`` (default 600 s; 0 turns the timeout off)."""
-    value = os.environ.get(ITEM_TIMEOUT_ENV, "").strip()
-    try:
-        seconds = float(value) if value else DEFAULT_ITEM_TIMEOUT_S
-    except ValueError:
-        raise ValueError(f"{ITEM_TIMEOUT_ENV}={value!r}: expected seconds, e.g. 600") from None
-    return max(seconds, 0.0)
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float, item: str) -> Iterator[None]:
-    """Raise :class:`ItemTimeout` in this (main) thread after ``seconds`` (SIGALRM: a hung
-    system call is interrupted; pure C loops that never return to Python are not)."""
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def alarm(signum: int, frame: object) -> None:
-        raise ItemTimeout(f"{item}: no result after {seconds:g} s (hung input?); the item "
-                          f"was skipped ({ITEM_TIMEOUT_ENV} sets the limit)")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-class _ItemDataset(torch.utils.data.Dataset):
-    """Index i -> (shard, member, the item's pieces and failures); exceptions (and a load
-    past the item timeout) -> failures."""
-
-    def __init__(self, job: Job, work: list[tuple[int, int, str]], timeout_s: float = 0.0,
-                 ) -> None:
-        self.job, self.work, self.timeout_s = job, work, timeout_s
-
-    def __len__(self) -> int:
-        return len(self.work)
-
-    def __getitem__(self, i: int) -> tuple[int, int, list[Piece | Failure]]:
-        shard, member, item = self.work[i]
-        try:
-            with _deadline(self.timeout_s, item):
-                return shard, member, list(self.job.load(item))
-        except Exception as e:  # one bad item must not stop the run
-            return shard, member, [Failure(item, type(e).__name__, str(e) or repr(e))]
 
 
 class _ShardBuilder:
@@ -241,7 +167,8 @@ def _model_threads(device: torch.device | None, compute: Compute | None,
 
 def _compute_shards(job: Job, compute: Compute | None, todo: list[_Planned], scratch: Path,
                     params: EngineParams, options: WriterOptions, label: str,
-                    result: RunResult) -> None:
+                    result: RunResult, written: dict[str, tuple[list[str], list[Failure]]],
+                    ) -> None:
     work = [(i, m, p.members[m]) for i, p in enumerate(todo)
             for m in range(len(p.members)) if m not in p.found]
     remaining = {i: sum(1 for w in work if w[0] == i) for i in range(len(todo))}
@@ -251,24 +178,22 @@ def _compute_shards(job: Job, compute: Compute | None, todo: list[_Planned], scr
 
     def finish(i: int, built: _ShardBuilder) -> None:
         content = _gather(todo[i], built, options.dtype)
+        written[todo[i].name] = ([k for _, k, _ in content.records],
+                                 [f for _, f in content.failures])
         try:
             result.bytes_written += write_shard(scratch / todo[i].name, content, compression)
         except OSError as e:   # disk full: the stage's one line names the shard
             raise with_path(e, scratch / todo[i].name) from None
 
-    loader = torch.utils.data.DataLoader(
-        _ItemDataset(job, work, item_timeout_s()), batch_size=None, shuffle=False,
-        collate_fn=_passthrough,
-        num_workers=params.num_workers if work else 0, pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if params.num_workers and work else None)
     builders = {i: _ShardBuilder(todo[i]) for i in range(len(todo))}
     queue: list[tuple[int, Piece]] = []
 
     def run_batch(shard: int, n: int) -> None:
         taken, queue[:] = queue[:n], queue[n:]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         _compute_into(compute, taken, builders[shard], params.batch_size)
         result.compute_s += time.perf_counter() - t
+        result.compute_cpu_s += time.thread_time() - c
 
     def close(shard: int) -> None:
         while queue:
@@ -278,8 +203,9 @@ def _compute_shards(job: Job, compute: Compute | None, todo: list[_Planned], scr
     for i in [i for i, n in remaining.items() if n == 0]:   # everything found earlier
         close(i)
     try:
-        for shard, member, loaded in tqdm(loader, total=len(work), desc=label, unit="item",
-                                          mininterval=2.0):
+        loaded_items = load_items(job, work, params.num_workers, min(8, params.batch_size))
+        for shard, member, loaded in tqdm(loaded_items, total=len(work), desc=label,
+                                          unit="item", mininterval=2.0):
             built = builders[shard]
             for r in loaded:
                 if isinstance(r, Failure):
@@ -356,7 +282,7 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path,
     items = job.items()
     method = fingerprint_of({**fingerprint, "options": asdict(writer_options),
                              "shard_mb": params.shard_mb, "code": code_identity()})
-    signatures = _signatures(job, items)
+    signatures = item_signatures(job, items, params.num_workers)
     ids = [member_identity(method, it, signatures[it]) for it in items]
     cut = plan_shards(items, target_items(params.shard_mb, item_bytes))
     plan, start = [], 0
@@ -384,20 +310,21 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path,
         for p in todo:
             p.found = {m: by_id[mid] for m, mid in enumerate(p.member_ids) if mid in by_id}
             result.reused += len(p.found)
+    written: dict[str, tuple[list[str], list[Failure]]] = {}   # shard -> keys, failures
     log.info("%s: %d items in %d shards; %d of mine to build, %d items reused", out,
              len(items), len(plan), len(todo), result.reused)
     with _model_threads(device, compute, in_process=params.num_workers == 0):
         _compute_shards(job, compute, todo, scratch, params, writer_options,
-                        f"{stage} {out.name}", result)
+                        f"{stage} {out.name}", result, written)
     ctx.barrier()
     if part is not None:
         log.info("%s=%d/%d: computed my shards into %s; run the stage without it (e.g. "
                  "dvc repro) to move them into %s", SHARD_RANGE_ENV, *part, scratch, out)
     elif ctx.is_main:
-        prov = {**provenance, "stage": stage, "libraries": library_versions(),
+        prov = {**provenance, "stage": stage, "libraries": _library_versions(),
                 "code_version": code_identity(), "layout": writer,
                 "storage_dtype": writer_options.dtype, "shard_mb": params.shard_mb}
-        result.records, result.failures = _finalize(plan, scratch, out, prov)
+        result.records, result.failures = _finalize(plan, scratch, out, prov, written)
         if view_writer is not None:   # a per-item view refuses keys that cannot be files
             result.failures += view_writer(out, Path(view) if view else None, prov,
                                            writer_options)
@@ -406,6 +333,17 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path,
     result.finalized = part is None
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
+    return tuple(library_versions().items())
+
+
+def _library_versions() -> dict[str, str]:
+    """:func:`library_versions`, read once per process (reading package metadata costs
+    ~0.2 s, measured; versions do not change while a process runs)."""
+    return dict(_versions())
 
 
 def _rescue(out: Path, scratch: Path) -> None:
@@ -417,15 +355,11 @@ def _rescue(out: Path, scratch: Path) -> None:
     remove_stale_temps(out)
 
 
-def _signatures(job: Job, items: list[str]) -> dict[str, str]:
-    """Every item's input signature, hashed in threads (hashing releases the GIL)."""
-    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="signature") as pool:
-        return dict(zip(items, pool.map(job.signature, items)))
-
-
-def _finalize(plan: list[_Planned], scratch: Path, out: Path,
-              provenance: dict[str, Any]) -> tuple[int, list[Failure]]:
-    """Move every shard from the scratch area into a new ``out`` and write its index."""
+def _finalize(plan: list[_Planned], scratch: Path, out: Path, provenance: dict[str, Any],
+              written: dict[str, tuple[list[str], list[Failure]]],
+              ) -> tuple[int, list[Failure]]:
+    """Move every shard from the scratch area into a new ``out`` and write its index. The
+    keys and failures of the shards this process wrote are in ``written`` (not read back)."""
     missing = [p.name for p in plan if not (scratch / p.name).is_file()]
     if missing:
         raise RuntimeError(f"{len(missing)} shards of {out} are not in {scratch} (first: "
@@ -435,9 +369,13 @@ def _finalize(plan: list[_Planned], scratch: Path, out: Path,
     with atomic_path(out, is_dir=True) as tmp:
         (tmp / SHARDS_DIR).mkdir()
         for p in plan:
-            with ShardReader(scratch / p.name) as r:
-                shards.append((p.name, r.keys()))
-                failures += r.failures()
+            if p.name in written:
+                keys, fails = written[p.name]
+            else:
+                with ShardReader(scratch / p.name) as r:
+                    keys, fails = r.keys(), r.failures()
+            shards.append((p.name, keys))
+            failures += fails
             os.replace(scratch / p.name, tmp / SHARDS_DIR / p.name)
         rows = write_index(tmp, shards, provenance)
     return rows, failures

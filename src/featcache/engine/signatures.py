@@ -9,11 +9,12 @@ database does), so a re-run reads no input it has hashed before.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 DB_PATH = Path(".featcache") / "signatures.sqlite"
@@ -36,6 +37,7 @@ class SignatureCache:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        self._deferred = 0   # > 0: inside batched(), one commit at its end
 
     def _connection(self) -> sqlite3.Connection | None:
         if self._conn is None or self._pid != os.getpid():
@@ -74,10 +76,28 @@ class SignatureCache:
                 try:
                     conn.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)",
                                  (key, *stat, value))
-                    conn.commit()
+                    if not self._deferred:
+                        conn.commit()
                 except sqlite3.Error:
                     pass
         return value
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Digests recorded inside commit once, at the end (one commit per file cost more
+        than the hashing of a small image, measured)."""
+        with self._lock:
+            self._deferred += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._deferred -= 1
+                if not self._deferred and self._conn is not None and self._pid == os.getpid():
+                    try:
+                        self._conn.commit()
+                    except sqlite3.Error:
+                        pass
 
     def signature(self, paths: Iterable[str | Path], extra: str = "") -> str:
         """One signature over several files (their names relative to nothing: the caller
@@ -94,3 +114,8 @@ _CACHE = SignatureCache()
 def file_signature(paths: Iterable[str | Path], extra: str = "") -> str:
     """The content signature of an item that reads ``paths`` (see the module doc)."""
     return _CACHE.signature(paths, extra)
+
+
+def batched_signatures() -> contextlib.AbstractContextManager:
+    """Inside: :func:`file_signature` commits its new digests once, at the end."""
+    return _CACHE.batched()

@@ -77,7 +77,7 @@ class Failure:
     message: str
 
     @classmethod
-    def duplicate_stem(cls, item: str, earlier: str) -> "Failure":
+    def duplicate_stem(cls, item: str, earlier: str) -> Failure:
         """``item`` shares its stem (so its output file name) with ``earlier``, which wins."""
         return cls(item, "duplicate_stem", f"same stem as {earlier}, which is written instead")
 
@@ -124,5 +124,6 @@ class RunResult:
     records: int = 0
     wall_s: float = 0.0
     compute_s: float = 0.0
+    compute_cpu_s: float = 0.0   # the main thread's CPU in compute (device-side work on a CPU)
     device: str = "cpu"
     failures: list[Failure] = field(default_factory=list)
