@@ -26,11 +26,12 @@ clean-scratch:
 
 # Benchmarks (numbers, not tests): results in benchmarks/results*.json and .md
 .PHONY: bench-quick bench bench-gpu
+# BEFORE=<a git worktree of an older commit>: its host cost is measured in the same run
 bench-quick: $(STAMP)
-	cd benchmarks && ../$(BIN)/python run.py --quick
+	cd benchmarks && ../$(BIN)/python run.py --quick $(if $(BEFORE),--before $(BEFORE))
 
 bench: $(STAMP)
-	cd benchmarks && ../$(BIN)/python run.py
+	cd benchmarks && ../$(BIN)/python run.py $(if $(BEFORE),--before $(BEFORE))
 
 bench-gpu: $(STAMP)
 	cd benchmarks && ../$(BIN)/python run.py --gpu

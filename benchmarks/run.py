@@ -6,7 +6,8 @@ Runs each measurement in its own process (bench_host per stage and preprocessing
 memory runs at 1x and 4x, the model-bound check, bench_io) and writes
 ``benchmarks/results.json`` (``--quick``: ``results-quick.json``) and a markdown table beside it.
 A figure with a target is ``{"value", "unit", "target", "better", "baseline"}``; ``before``
-(where present) is the same figure measured before the host-path work (``benchmarks/before/``).
+(with ``--before <checkout of the older commit>``) is the same figure measured from that
+checkout's featcache in the same run, interleaved with the current runs.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ UNIT = {"siglip": "ms/crop"}
 FAST_STAGES = ("clip_grid", "dinov2", "sam2")   # the stages with a `preprocess` param
 
 
-def sub(args: list[str], timeout: int = 900) -> dict:
+def sub(args: list[str], timeout: int = 900, src: Path | None = None) -> dict:
+    """Run one benchmark script here; ``src``: import featcache from that source tree (the
+    ``--before`` checkout) instead of this one."""
     out = HERE / ".tmp.json"
     out.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(src)) if src else None
     subprocess.run([PY, *args, "--json", str(out)], cwd=HERE, check=True, timeout=timeout,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     data = json.loads(out.read_text())
     out.unlink()
     return data
@@ -62,6 +66,10 @@ def host_figures(stage: str, run: dict, before: dict | None, fast: dict | None) 
         "cpu_ms_main": fig(run["cpu_ms_main"], unit, MAIN_TARGET[stage], "lower",
                            naive + run["naive"]["save_ms"], b.get("cpu_ms_main"),
                            "baseline: the naive path runs all of it in its one process"),
+        "cpu_ms_main_host": fig(_host(run), unit, MAIN_TARGET[stage], "lower", None,
+                                _host(b) if b else None,
+                                "main process less its CPU-device work (stack, normalise, "
+                                "null forward, storage cast), which a GPU does"),
         "feed_16_cores": fig(16000 / run["cpu_ms_all"], unit.replace("ms/", "") + "s/s", None,
                              "higher", 16000 / naive, 16000 / b["cpu_ms_all"] if b else None),
         "feed_one_main": fig(1000 / run["cpu_ms_main"], unit.replace("ms/", "") + "s/s", None,
@@ -79,6 +87,10 @@ def host_figures(stage: str, run: dict, before: dict | None, fast: dict | None) 
     return out
 
 
+def _host(run: dict) -> float:
+    return run["cpu_ms_main"] - run.get("cpu_ms_main_device", 0.0)
+
+
 def best(runs: list[dict]) -> dict:
     """The run with the lowest total CPU (the least disturbed by the rest of the machine)."""
     return min(runs, key=lambda r: r["cpu_ms_all"])
@@ -87,10 +99,15 @@ def best(runs: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--gpu", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--gpu", action="store_true", help="bench_gpu.py (other arguments go there)")
+    ap.add_argument("--before", default="", help="a checkout of the older commit (git "
+                    "worktree): its host cost is measured in the same run, as 'before'")
+    args, rest = ap.parse_known_args()
     if args.gpu:
-        sys.exit(subprocess.call([PY, str(HERE / "bench_gpu.py")]))
+        sys.exit(subprocess.call([PY, str(HERE / "bench_gpu.py"), *rest]))
+    if rest:
+        ap.error(f"unknown arguments {rest}")
+    before_src = Path(args.before).resolve() / "src" if args.before else None
     t0 = time.perf_counter()
     q = 0 if args.quick else 1
     repeats = 1 if args.quick else 2
@@ -101,10 +118,14 @@ def main() -> None:
         n = sizes[q]
         common = ["bench_host.py", "--stage", stage, "--items", str(n),
                   "--naive-items", str(min(n, 40))]
-        runs = [sub(common) for _ in range(repeats)]
+        runs, befores = [], []
+        for _ in range(repeats):   # interleaved: the machine's load hits both alike
+            runs.append(sub(common))
+            if before_src:
+                befores.append(sub(common, src=before_src))
         fast = best([sub(common + ["--preprocess", "fast"])]) \
             if fast_ok and stage in FAST_STAGES else None
-        before = _before(stage)
+        before = best(befores) if befores else None
         res["host"][stage] = host_figures(stage, best(runs), before, fast)
     n = SIZES["clip_grid"][q]
     mem = {k: sub(["bench_host.py", "--stage", "clip_grid", "--items", str(k * n),
@@ -116,9 +137,11 @@ def main() -> None:
     growth = mem[4]["peak_rss_main_mb"] / mem[1]["peak_rss_main_mb"]
     res["memory"]["main_growth_4x"] = fig(growth, "x", 1.1, "lower", 4.0,
                                           note="peak RSS at 4x over 1x; 4.0 = linear")
-    res["model_bound"] = sub(["bench_model.py", "--images", "16" if args.quick else "48"])
+    res["model_bound"] = sub(["bench_model.py", *(["--images", "16", "--batch-size", "8"]
+                                                  if args.quick else ["--images", "96"])])
     mb = res["model_bound"]
-    mb["ratio"] = fig(mb["stage_img_s"] / mb["forward_img_s"], "x", 0.95, "higher", 1.0)
+    mb["ratio"] = fig(mb["stage_img_s"] / mb["forward_img_s"], "x", 0.95, "higher", 1.0,
+                      note=f"{mb['images']} images, batch {mb['batch_size']}, 1 thread")
     res["preprocess"] = sub(["bench_preprocess.py", *(["--images", "12", "--feature-images",
                              "2", "--sam2-images", "1"] if args.quick else [])])
     res["io"] = sub(["bench_io.py", "--items", "500" if args.quick else "2000",
@@ -137,11 +160,6 @@ def _has_fast_path() -> bool:
     from featcache.stages._grids import GridParams
 
     return any(f.name == "preprocess" for f in dataclasses.fields(GridParams))
-
-
-def _before(stage: str) -> dict | None:
-    path = HERE / "before" / f"{stage}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def machine() -> dict:
@@ -167,7 +185,7 @@ def markdown(res: dict) -> str:
              "| figure | value | target | baseline | before | unit |",
              "| --- | --- | --- | --- | --- | --- |"]
     for stage, h in res["host"].items():
-        for key in ("cpu_ms_all", "cpu_ms_main", "feed_16_cores", "feed_one_main",
+        for key in ("cpu_ms_all", "cpu_ms_main", "cpu_ms_main_host", "feed_16_cores", "feed_one_main",
                     "fast_cpu_ms_all", "fast_cpu_ms_main"):
             if key in h:
                 lines.append("| " + " | ".join([f"{stage} {key}", *_cell(h[key])]) + " |")
@@ -177,6 +195,12 @@ def markdown(res: dict) -> str:
                                      *_cell(res["preprocess"]["fast_host_ms"])]) + " |")
     lines.append("| " + " | ".join(["model_bound stage/forward",
                                      *_cell(res["model_bound"]["ratio"])]) + " |")
+    mb = res["model_bound"]
+    lines += ["", f"Model-bound check (ViT-B-16, random weights, {mb['images']} images, batch "
+              f"{mb['batch_size']}, 1 thread, 2 workers): the stage {mb['stage_img_s']:.2f} "
+              f"img/s, the pure forward {mb['forward_img_s']:.2f} img/s (runs before/after "
+              f"the stage: {', '.join(f'{r:.2f}' for r in mb['forward_img_s_runs'])}); the "
+              f"model was busy {100 * mb['stage_model_share']:.0f}% of the stage's wall."]
     lines += ["", "| phase (ms per item) | " + " | ".join(res["host"]) + " |",
               "| --- |" + " --- |" * len(res["host"])]
     for ph in ("decode", "preprocess", "transfer", "write"):
