@@ -152,7 +152,7 @@ def test_job_is_picklable_for_spawned_workers(tmp_path: Path) -> None:
     assert torch.equal(piece.tensor, same.tensor)
     np.testing.assert_array_equal(piece.arrays["mask"], same.arrays["mask"])
     assert copy.load("139.png")[0].error == "duplicate_key"
-    assert copy.load("broken.jpg")[0].error == "decode_error"
+    assert copy.load("broken.jpg")[0].error == "bad_image"
 
 
 @pytest.mark.parametrize("model, grid, shape", [
@@ -190,7 +190,7 @@ def test_hdf5_layout_keys_shapes_and_failures(runs: dict[str, Path]) -> None:
     assert data["285_global"].shape == (TINY_EMBED,)
     failures = (runs["fp32"] / "failures.tsv").read_text().splitlines()
     rows = {line.split("\t")[1]: line.split("\t")[2] for line in failures[1:]}
-    assert rows == {"broken.jpg": "decode_error", "139.png": "duplicate_key"}
+    assert rows == {"broken.jpg": "bad_image", "139.png": "duplicate_key"}
 
 
 def test_hdf5_attributes_and_provenance(runs: dict[str, Path]) -> None:

@@ -97,7 +97,7 @@ def test_decode_png_gives_the_ids_that_were_painted(tmp_path):
     np.testing.assert_array_equal(ids, labels)
 
 
-@pytest.mark.parametrize("defect, code", [("missing", "missing_png"), ("grey", "bad_png"),
+@pytest.mark.parametrize("defect, code", [("missing", "missing_file"), ("grey", "bad_png"),
                                           ("truncated", "bad_png"), ("sixteen", "bad_png")])
 def test_bad_pngs_raise_a_coded_error(tmp_path, defect, code):
     path = tmp_path / "x.png"
@@ -167,7 +167,7 @@ def test_malformed_annotations_become_error_entries_with_unique_items():
     assert items == ["000000000001", "000000000001~1", "annotation[2]", "000000000005",
                      "000000000002"]
     codes = [e.error.code if e.error else None for e in entries]
-    assert codes == [None, "duplicate_image", "bad_annotation", "missing_image_entry",
+    assert codes == [None, "duplicate_key", "bad_annotation", "missing_image_entry",
                      "bad_annotation"]
     assert entries[0].image.segments[0].iscrowd is True
 
@@ -184,7 +184,7 @@ def test_bad_segment_entries_fail_alone_and_repeated_ids_keep_the_first():
     assert bad == {"000000000008_0": "bad_segment", "000000000008_16777216": "bad_segment",
                    "000000000008_9": "bad_segment",
                    "000000000008_segments_info[4]": "bad_segment",
-                   "000000000008_4~5": "duplicate_segment"}
+                   "000000000008_4~5": "duplicate_key"}
 
 
 def test_keys_are_zero_padded_to_twelve_digits():

@@ -68,7 +68,7 @@ def test_hdf5_grids_equal_the_upstream_last_hidden_state(split_root: Path) -> No
     expected = hidden[0, 1:].reshape(4, 4, TINY_HIDDEN).permute(2, 0, 1).numpy()
     np.testing.assert_allclose(data["632_grids"], expected, rtol=1e-5, atol=1e-5)
     rows = (split_root / "out" / "failures.tsv").read_text().splitlines()[1:]
-    assert [r.split("\t")[1:3] for r in rows] == [["broken.jpg", "decode_error"]]
+    assert [r.split("\t")[1:3] for r in rows] == [["broken.jpg", "bad_image"]]
 
 
 def test_npy_layout_with_mask(split_root: Path) -> None:

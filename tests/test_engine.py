@@ -102,7 +102,9 @@ def test_failures_never_become_rows(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out, result, _ = run_inline(tmp_path, n=40, bad=True)
     assert {f.item for f in result.failures} == {"i005", "i022", "i039", "i006", "i023"}
-    assert {f.error for f in result.failures} == {"ValueError", "empty_mask"}
+    assert {f.error for f in result.failures} == {"unexpected_error", "empty_mask"}
+    assert {f.message for f in result.failures if f.error == "unexpected_error"} == {
+        f"ValueError: corrupt input i{i:03d}" for i in (5, 22, 39)}   # the type stays readable
     keys = list(open_features(out))
     assert not any(k.startswith(("i005", "i022", "i039")) for k in keys)
     assert "i006_a" in keys and "i006_b" not in keys  # the good part of a partly bad item stays
@@ -293,7 +295,8 @@ def test_a_piece_the_model_fails_on_is_one_failure_row(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     out, result, _ = run_inline(tmp_path, n=10, batch_size=4, compute=PickyCompute(0.0))
-    assert [(f.item, f.error) for f in result.failures] == [("i004_b", "FloatingPointError")]
+    assert [(f.item, f.error) for f in result.failures] == [("i004_b", "compute_error")]
+    assert result.failures[0].message == "FloatingPointError: non-finite output for i004_b"
     assert result.records == 19
     feats = open_features(out, field="feat")
     assert "i004_a" in feats and "i004_b" not in feats and "i005_a" in feats

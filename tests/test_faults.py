@@ -111,7 +111,7 @@ def test_a_hung_item_past_the_timeout_is_one_row(tmp_path, monkeypatch, workers)
     t0 = time.monotonic()
     result = _stage(HangingJob(KEYS[:8]), tmp_path / "out", layout="shards", workers=workers)
     assert time.monotonic() - t0 < 100      # it did not wait for the hung item
-    assert [(f.item, f.error) for f in result.failures] == [("k03", "ItemTimeout")]
+    assert [(f.item, f.error) for f in result.failures] == [("k03", "item_timeout")]
     assert sorted(open_features(tmp_path / "out")) == [k for k in KEYS[:8] if k != "k03"]
     assert "k03" in (tmp_path / "failures.tsv").read_text()
 

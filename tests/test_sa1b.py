@@ -118,7 +118,7 @@ def test_bad_mask_names_the_annotation(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text, code", [
-    (None, "missing_json"),
+    (None, "missing_file"),
     ("{not json", "bad_json"),
     ("[1, 2]", "bad_json"),
     ('{"image": {"width": 4}, "annotations": []}', "bad_json"),

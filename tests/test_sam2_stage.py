@@ -220,7 +220,7 @@ def test_corrupt_and_duplicate_images_are_failure_rows(fp32_run) -> None:
     out, result = fp32_run
     rows = [line.split("\t") for line in (out / "failures.tsv").read_text().splitlines()]
     assert rows[0] == ["output", "item", "error", "message"]
-    assert sorted((r[1], r[2]) for r in rows[1:]) == [("sa_1.png", "duplicate_stem"),
+    assert sorted((r[1], r[2]) for r in rows[1:]) == [("sa_1.png", "duplicate_key"),
                                                      ("sa_3.jpg", "bad_image")]
     assert result.failed == 2 and "sa_3" not in open_features(out)
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from featcache.datasets.images import ImageDecodeError, load_image
+from featcache.failures import FailureCode
 
 # PIL modes whose pixels are the id colours themselves (grey or 16-bit PNGs are not panoptic).
 _ID_COLOUR_MODES = ("RGB", "RGBA", "P", "PA")
@@ -43,9 +44,9 @@ _ID_COLOUR_MODES = ("RGB", "RGBA", "P", "PA")
 
 class PanopticError(Exception):
     """One annotation, image or segment that cannot be used; ``code`` is the failure kind
-    (``bad_annotation``, ``duplicate_image``, ``missing_png``, ``bad_png``, ...)."""
+    (a :class:`~featcache.failures.FailureCode`: ``bad_annotation``, ``duplicate_key``, ...)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: FailureCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -150,13 +151,15 @@ def read_panoptic_json(path: Path) -> dict[str, Any]:
         with path.open(encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as e:   # UnicodeDecodeError and JSONDecodeError included
-        raise PanopticError("bad_json", f"{path}: not readable JSON ({e})") from None
+        raise PanopticError(FailureCode.BAD_JSON, f"{path}: not readable JSON ({e})") from None
     except RecursionError:
-        raise PanopticError("bad_json", f"{path}: not readable JSON (nested too deeply)") from None
+        raise PanopticError(FailureCode.BAD_JSON,
+                            f"{path}: not readable JSON (nested too deeply)") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise PanopticError("bad_json", f"{path}: no 'annotations' list; not a COCO panoptic file")
+        raise PanopticError(FailureCode.BAD_JSON,
+                            f"{path}: no 'annotations' list; not a COCO panoptic file")
     if not isinstance(data.get("images", []), list):
-        raise PanopticError("bad_json", f"{path}: 'images' is not a list")
+        raise PanopticError(FailureCode.BAD_JSON, f"{path}: 'images' is not a list")
     return data
 
 
@@ -170,15 +173,15 @@ def parse_annotations(annotations: list[Any], images: Iterable[Any]) -> list[Pan
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
         if not _is_int(image_id) or image_id < 0:
             entries.append(PanopticEntry(f"annotation[{index}]", error=PanopticError(
-                "bad_annotation", f"annotation {index} has no integer image_id")))
+                FailureCode.BAD_ANNOTATION, f"annotation {index} has no integer image_id")))
             continue
         count = seen.get(image_id, 0)
         seen[image_id] = count + 1
         item = image_key(image_id) + (f"~{count}" if count else "")
         if count:
             entries.append(PanopticEntry(item, error=PanopticError(
-                "duplicate_image", f"image {image_id} is annotated {count + 1} times; "
-                                   "only the first annotation is used")))
+                FailureCode.DUPLICATE_KEY, f"image {image_id} is annotated {count + 1} times; "
+                                           "only the first annotation is used")))
             continue
         try:
             entries.append(PanopticEntry(item, image=_parse_image(ann, by_id.get(image_id))))
@@ -190,21 +193,22 @@ def parse_annotations(annotations: list[Any], images: Iterable[Any]) -> list[Pan
 def _parse_image(ann: dict[str, Any], image: dict[str, Any] | None) -> PanopticImage:
     image_id = ann["image_id"]
     if image is None:
-        raise PanopticError("missing_image_entry", f"image {image_id} is not in 'images'")
+        raise PanopticError(FailureCode.MISSING_IMAGE_ENTRY, f"image {image_id} is not in 'images'")
     png_file, image_file = ann.get("file_name"), image.get("file_name")
     if not isinstance(png_file, str) or not isinstance(image_file, str):
-        raise PanopticError("bad_annotation", f"image {image_id}: missing file_name")
+        raise PanopticError(FailureCode.BAD_ANNOTATION, f"image {image_id}: missing file_name")
     contained_name(image_file, f"image {image_id}: images[].file_name")
     contained_name(png_file, f"image {image_id}: annotations[].file_name")
     segments = ann.get("segments_info")
     if not isinstance(segments, list):
-        raise PanopticError("bad_annotation", f"image {image_id}: no segments_info list")
+        raise PanopticError(FailureCode.BAD_ANNOTATION, f"image {image_id}: no segments_info list")
     size = {}
     for key in ("width", "height"):
         value = image.get(key, 0)
         if not (_is_int(value) and value >= 0):
-            raise PanopticError("bad_annotation", f"image {image_id}: {key} is {value!r}; "
-                                                  "expected a non-negative integer")
+            raise PanopticError(FailureCode.BAD_ANNOTATION,
+                                f"image {image_id}: {key} is {value!r}; "
+                                "expected a non-negative integer")
         size[key] = value
     good, bad = parse_segments(segments, image_id)
     return PanopticImage(image_id=image_id, image_file=image_file, png_file=png_file,
@@ -219,13 +223,16 @@ def contained_name(name: str, what: str) -> str:
     posix = name.replace("\\", "/")
     parts = [p for p in posix.split("/") if p not in ("", ".")]
     if "\x00" in name or not parts:
-        raise PanopticError("unsafe_path", f"{what} {name!r} is empty or holds a NUL byte")
+        raise PanopticError(FailureCode.UNSAFE_PATH,
+                            f"{what} {name!r} is empty or holds a NUL byte")
     if posix.startswith("/") or (len(posix) >= 2 and posix[1] == ":"):
-        raise PanopticError("unsafe_path", f"{what} {name!r} is an absolute path; names must "
-                                           "be relative to their folder")
+        raise PanopticError(FailureCode.UNSAFE_PATH,
+                            f"{what} {name!r} is an absolute path; names must "
+                            "be relative to their folder")
     if ".." in parts:
-        raise PanopticError("unsafe_path", f"{what} {name!r} has a '..' component: it would "
-                                           "leave its folder")
+        raise PanopticError(FailureCode.UNSAFE_PATH,
+                            f"{what} {name!r} has a '..' component: it would "
+                            "leave its folder")
     return name
 
 
@@ -250,8 +257,9 @@ def parse_segments(entries: list[Any], image_id: int,
             continue
         if seg.id in seen:
             bad.append((f"{segment_key(image_id, seg.id)}~{index}", PanopticError(
-                "duplicate_segment", f"image {image_id}: segment id {seg.id} is listed twice; "
-                                     "only the first entry is used")))
+                FailureCode.DUPLICATE_KEY,
+                f"image {image_id}: segment id {seg.id} is listed twice; "
+                "only the first entry is used")))
             continue
         seen.add(seg.id)
         good.append(seg)
@@ -263,23 +271,24 @@ def parse_segment(seg: Any, image_id: int) -> PanopticSegment:
     id is not a positive integer below ``256^3`` or ``iscrowd`` is not 0/1."""
     sid = seg.get("id") if isinstance(seg, dict) else None
     if not _is_int(sid) or not 0 < sid < 256 ** 3:
-        raise PanopticError("bad_segment", f"image {image_id}: segment id {sid!r} is not an "
-                                           "integer in 1..16777215")
+        raise PanopticError(FailureCode.BAD_SEGMENT,
+                            f"image {image_id}: segment id {sid!r} is not an "
+                            "integer in 1..16777215")
     crowd = seg.get("iscrowd", 0)
     if not isinstance(crowd, int) or crowd not in (0, 1):   # 0/1 (or false/true)
-        raise PanopticError("bad_segment", f"image {image_id}: segment {sid} has "
-                                           f"iscrowd={crowd!r}; expected 0 or 1")
+        raise PanopticError(FailureCode.BAD_SEGMENT, f"image {image_id}: segment {sid} has "
+                                                     f"iscrowd={crowd!r}; expected 0 or 1")
     category, area = seg.get("category_id", -1), seg.get("area", 0)
     if not _is_int(category):
-        raise PanopticError("bad_segment", f"image {image_id}: segment {sid} has "
-                                           f"category_id={category!r}; expected an integer")
+        raise PanopticError(FailureCode.BAD_SEGMENT, f"image {image_id}: segment {sid} has "
+                            f"category_id={category!r}; expected an integer")
     if not (_is_number(area) and area >= 0):
-        raise PanopticError("bad_segment", f"image {image_id}: segment {sid} has "
-                                           f"area={area!r}; expected a number >= 0")
+        raise PanopticError(FailureCode.BAD_SEGMENT, f"image {image_id}: segment {sid} has "
+                                                     f"area={area!r}; expected a number >= 0")
     bbox = seg.get("bbox", [])
     if not (isinstance(bbox, list) and len(bbox) in (0, 4) and all(_is_number(v) for v in bbox)):
-        raise PanopticError("bad_segment", f"image {image_id}: segment {sid} has "
-                                           f"bbox={_short(bbox)}; expected [x, y, w, h] numbers")
+        raise PanopticError(FailureCode.BAD_SEGMENT, f"image {image_id}: segment {sid} has "
+                            f"bbox={_short(bbox)}; expected [x, y, w, h] numbers")
     return PanopticSegment(id=sid, category_id=category, iscrowd=bool(crowd), area=int(area),
                            bbox=tuple(float(v) for v in bbox))
 
@@ -287,20 +296,20 @@ def parse_segment(seg: Any, image_id: int) -> PanopticSegment:
 def decode_panoptic_png(path: str | Path) -> np.ndarray:
     """Segment ids of a panoptic PNG: ``int64 (H, W)``, ``R + 256 G + 256^2 B``.
 
-    Raises :class:`PanopticError`: ``missing_png`` if the file does not exist, ``bad_png`` if
+    Raises :class:`PanopticError`: ``missing_file`` if the file does not exist, ``bad_png`` if
     it is truncated/corrupt or not an RGB-coloured image (grey or 16-bit PNGs carry no ids).
     """
 
     path = Path(path)
     if not path.is_file():
-        raise PanopticError("missing_png", f"panoptic PNG not found: {path}")
+        raise PanopticError(FailureCode.MISSING_FILE, f"panoptic PNG not found: {path}")
     try:
         decoded = load_image(path)
     except ImageDecodeError as e:
-        raise PanopticError("bad_png", str(e)) from None
+        raise PanopticError(FailureCode.BAD_PNG, str(e)) from None
     if decoded.source_mode not in _ID_COLOUR_MODES:
-        raise PanopticError("bad_png", f"{path}: mode {decoded.source_mode} is not an "
-                                       "RGB-encoded panoptic PNG")
+        raise PanopticError(FailureCode.BAD_PNG, f"{path}: mode {decoded.source_mode} is not an "
+                                                 "RGB-encoded panoptic PNG")
     return rgb_to_ids(decoded.rgb)
 
 
@@ -310,7 +319,7 @@ def read_ids_and_image(split: PanopticSplit, image: PanopticImage,
 
     The image is decoded by :func:`featcache.datasets.images.load_image` (EXIF orientation applied,
     grayscale and CMYK converted to RGB, alpha ignored). Raises :class:`PanopticError`:
-    ``missing_png``/``bad_png`` (see :func:`decode_panoptic_png`), ``bad_image`` (missing or
+    ``missing_file``/``bad_png`` (see :func:`decode_panoptic_png`), ``bad_image`` (missing or
     undecodable image), ``size_mismatch`` (PNG and image differ in size: masks would be
     misaligned, e.g. an EXIF rotation the PNG does not have).
     """
@@ -319,11 +328,11 @@ def read_ids_and_image(split: PanopticSplit, image: PanopticImage,
     try:
         rgb = load_image(split.image_dir / image.image_file).rgb
     except ImageDecodeError as e:
-        raise PanopticError("bad_image", str(e)) from None
+        raise PanopticError(FailureCode.BAD_IMAGE, str(e)) from None
     if rgb.shape[:2] != ids.shape:
-        raise PanopticError("size_mismatch", f"{image.image_file} is {rgb.shape[1]}x"
-                                             f"{rgb.shape[0]} but {image.png_file} is "
-                                             f"{ids.shape[1]}x{ids.shape[0]} (WxH)")
+        raise PanopticError(FailureCode.SIZE_MISMATCH, f"{image.image_file} is {rgb.shape[1]}x"
+                                                       f"{rgb.shape[0]} but {image.png_file} is "
+                                                       f"{ids.shape[1]}x{ids.shape[0]} (WxH)")
     return ids, rgb
 
 

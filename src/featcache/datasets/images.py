@@ -360,5 +360,5 @@ def survey_folder(folder: str | Path, images: Sequence[Path] | None = None) -> d
             if sixteen and load_image(path).low_range:
                 counts["low_range_16bit"] += 1
         except (OSError, ImageDecodeError, UnidentifiedImageError, ValueError):
-            continue   # the stage reports it as a decode_error row
+            continue   # the stage reports it as a bad_image row
     return counts

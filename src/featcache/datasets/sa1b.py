@@ -7,7 +7,7 @@ An SA-1B folder is flat: ``sa_<n>.jpg`` next to ``sa_<n>.json``. The JSON holds
 (column-major runs, starting with a run of zeros).
 
 Every problem with the input raises :class:`Sa1bError` whose ``code`` is the ``error`` column of
-the stage's ``failures.tsv``: ``missing_json``, ``bad_json``, ``bad_image``, ``bad_rle`` or
+the stage's ``failures.tsv``: ``missing_file``, ``bad_json``, ``bad_image``, ``bad_rle`` or
 ``size_mismatch``. RLE counts are checked here before pycocotools sees them, because
 pycocotools decodes counts that do not add up to ``h*w`` into out-of-bounds memory instead of
 raising.
@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from featcache.datasets.images import list_images
+from featcache.failures import FailureCode
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that sw
 class Sa1bError(ValueError):
     """Bad SA-1B input. ``code`` is a short failure code for ``failures.tsv``."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: FailureCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -67,26 +68,27 @@ def json_path_for(image_path: Path) -> Path:
 
 
 def read_sa1b_json(path: Path) -> Sa1bRecord:
-    """Parse one SA-1B JSON file; raises :class:`Sa1bError` (``missing_json``, ``bad_json``)."""
+    """Parse one SA-1B JSON file; raises :class:`Sa1bError` (``missing_file``, ``bad_json``)."""
     if not path.is_file():
-        raise Sa1bError("missing_json", f"annotation file not found: {path.name}")
+        raise Sa1bError(FailureCode.MISSING_FILE, f"annotation file not found: {path.name}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Sa1bError("bad_json", f"{path.name}: {e}") from None
+        raise Sa1bError(FailureCode.BAD_JSON, f"{path.name}: {e}") from None
     except RecursionError:
-        raise Sa1bError("bad_json", f"{path.name}: nested too deeply to be an SA-1B file") from None
+        raise Sa1bError(FailureCode.BAD_JSON,
+                        f"{path.name}: nested too deeply to be an SA-1B file") from None
     image = data.get("image") if isinstance(data, dict) else None
     annotations = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(image, dict) or not isinstance(annotations, list):
-        raise Sa1bError("bad_json", f"{path.name}: expected an 'image' mapping and an "
-                                    "'annotations' list")
+        raise Sa1bError(FailureCode.BAD_JSON, f"{path.name}: expected an 'image' mapping and an "
+                                              "'annotations' list")
     height, width = image.get("height"), image.get("width")
     if not (_positive_int(height) and _positive_int(width)):
-        raise Sa1bError("bad_json", f"{path.name}: image height/width must be positive "
-                                    f"integers, got {height!r}/{width!r}")
+        raise Sa1bError(FailureCode.BAD_JSON, f"{path.name}: image height/width must be positive "
+                                              f"integers, got {height!r}/{width!r}")
     if not all(isinstance(a, dict) for a in annotations):
-        raise Sa1bError("bad_json", f"{path.name}: every annotation must be a mapping")
+        raise Sa1bError(FailureCode.BAD_JSON, f"{path.name}: every annotation must be a mapping")
     return Sa1bRecord(image.get("image_id"), height, width, tuple(annotations))
 
 
@@ -105,7 +107,7 @@ def read_image_size(path: Path) -> tuple[int, int]:
             width, height = img.size
             orientation = img.getexif().get(_EXIF_ORIENTATION)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise Sa1bError("bad_image", f"{path.name}: {e}") from None
+        raise Sa1bError(FailureCode.BAD_IMAGE, f"{path.name}: {e}") from None
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return height, width
@@ -130,17 +132,20 @@ def decode_rle(segmentation: Any, height: int, width: int) -> np.ndarray:
     """
 
     if not isinstance(segmentation, dict) or "counts" not in segmentation:
-        raise Sa1bError("bad_rle", "segmentation must be an RLE mapping with size and counts")
+        raise Sa1bError(FailureCode.BAD_RLE,
+                        "segmentation must be an RLE mapping with size and counts")
     size = segmentation.get("size")
     if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(s) for s in size)):
-        raise Sa1bError("bad_rle", f"RLE size must be [height, width], got {size!r}")
+        raise Sa1bError(FailureCode.BAD_RLE, f"RLE size must be [height, width], got {size!r}")
     if tuple(size) != (height, width):
-        raise Sa1bError("size_mismatch", f"mask size {size} != image size [{height}, {width}]")
+        raise Sa1bError(FailureCode.SIZE_MISMATCH,
+                        f"mask size {size} != image size [{height}, {width}]")
     counts = segmentation["counts"]
     if isinstance(counts, list):
         runs = _int_runs(counts)
         if any(not 0 <= c <= height * width for c in runs):
-            raise Sa1bError("bad_rle", f"an RLE run length is outside 0..{height * width}")
+            raise Sa1bError(FailureCode.BAD_RLE,
+                            f"an RLE run length is outside 0..{height * width}")
         _check_runs(np.asarray(runs, dtype=np.int64), height * width)
         rle = mask_utils.frPyObjects({"size": list(size), "counts": counts}, height, width)
     elif isinstance(counts, (str, bytes)):
@@ -148,24 +153,25 @@ def decode_rle(segmentation: Any, height: int, width: int) -> np.ndarray:
         text = counts.encode("ascii") if isinstance(counts, str) else counts
         rle = {"size": list(size), "counts": text}
     else:
-        raise Sa1bError("bad_rle", f"RLE counts must be a string or a list, got "
-                                   f"{type(counts).__name__}")
+        raise Sa1bError(FailureCode.BAD_RLE, f"RLE counts must be a string or a list, got "
+                                             f"{type(counts).__name__}")
     # Column-major like the RLE itself: a C-order copy would cost more than the decode.
     return mask_utils.decode(rle)
 
 
 def _int_runs(counts: list[Any]) -> list[int]:
     if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-        raise Sa1bError("bad_rle", "uncompressed RLE counts must be integers")
+        raise Sa1bError(FailureCode.BAD_RLE, "uncompressed RLE counts must be integers")
     return counts
 
 
 def _check_runs(runs: np.ndarray, pixels: int) -> None:
     if (runs < 0).any():
-        raise Sa1bError("bad_rle", "RLE has a negative run length")
+        raise Sa1bError(FailureCode.BAD_RLE, "RLE has a negative run length")
     total = int(runs.sum())
     if total != pixels:
-        raise Sa1bError("bad_rle", f"RLE runs cover {total} pixels, the mask has {pixels}")
+        raise Sa1bError(FailureCode.BAD_RLE,
+                        f"RLE runs cover {total} pixels, the mask has {pixels}")
 
 
 def rle_counts_from_string(text: str | bytes) -> np.ndarray:
@@ -178,21 +184,21 @@ def rle_counts_from_string(text: str | bytes) -> np.ndarray:
     try:
         raw = text.encode("ascii") if isinstance(text, str) else bytes(text)
     except UnicodeEncodeError:
-        raise Sa1bError("bad_rle", "compressed RLE has non-ASCII characters") from None
+        raise Sa1bError(FailureCode.BAD_RLE, "compressed RLE has non-ASCII characters") from None
     codes = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
     if codes.size == 0:
         return codes
     if ((codes < 0) | (codes > 63)).any():
-        raise Sa1bError("bad_rle", "compressed RLE has characters outside '0'..'o'")
+        raise Sa1bError(FailureCode.BAD_RLE, "compressed RLE has characters outside '0'..'o'")
     more = (codes & 0x20) != 0
     if more[-1]:
-        raise Sa1bError("bad_rle", "compressed RLE is truncated")
+        raise Sa1bError(FailureCode.BAD_RLE, "compressed RLE is truncated")
     ends = np.flatnonzero(~more)
     starts = np.concatenate(([0], ends[:-1] + 1))
     group = np.repeat(np.arange(ends.size), ends - starts + 1)
     digit = np.arange(codes.size) - starts[group]
     if digit.max() > 11:  # more than 60 bits: not a run length of any real image
-        raise Sa1bError("bad_rle", "compressed RLE has an oversized value")
+        raise Sa1bError(FailureCode.BAD_RLE, "compressed RLE has an oversized value")
     values = np.zeros(ends.size, dtype=np.int64)
     np.add.at(values, group, (codes & 0x1F) << (5 * digit))
     negative = (codes[ends] & 0x10) != 0

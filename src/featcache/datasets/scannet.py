@@ -30,6 +30,7 @@ import numpy as np
 
 from featcache.datasets.frames import frame_number
 from featcache.datasets.images import ImageDecodeError, image_size
+from featcache.failures import FailureCode
 
 COLOR_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Largest relative difference of aspect ratios (W/H) for which intrinsics calibrated at one
@@ -46,7 +47,7 @@ _PLY_TYPES = {
 class ScanNetError(ValueError):
     """Bad or missing ScanNet input; ``code`` is the short error name for ``failures.tsv``."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: FailureCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -64,7 +65,7 @@ class FramePaths:
 def read_scene_list(path: Path) -> list[str]:
     """Scene ids of a scene list file, in file order, blank lines and ``#`` comments skipped."""
     if not path.is_file():
-        raise ScanNetError("missing_file", f"scene list not found: {path}")
+        raise ScanNetError(FailureCode.MISSING_FILE, f"scene list not found: {path}")
     lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
     return [line for line in lines if line]
 
@@ -106,21 +107,21 @@ def frame_paths(scene_dir: Path, stem: str) -> FramePaths:
                        scene_dir / "pose" / f"{stem}.txt")
     for path in (paths.color, paths.depth, paths.pose):
         if not path.is_file():
-            raise ScanNetError("missing_file", f"{path.name} missing in {path.parent}")
+            raise ScanNetError(FailureCode.MISSING_FILE, f"{path.name} missing in {path.parent}")
     return paths
 
 
 def read_matrix(path: Path, shape: tuple[int, int] = (4, 4)) -> np.ndarray:
     """A whitespace-separated text matrix (pose or intrinsics) as float64 of ``shape``."""
     if not path.is_file():
-        raise ScanNetError("missing_file", f"not found: {path}")
+        raise ScanNetError(FailureCode.MISSING_FILE, f"not found: {path}")
     try:
         values = np.array(path.read_text().split(), dtype=np.float64)
     except ValueError as e:
-        raise ScanNetError("bad_matrix", f"{path.name}: {e}") from None
+        raise ScanNetError(FailureCode.BAD_MATRIX, f"{path.name}: {e}") from None
     if values.size != shape[0] * shape[1]:
-        raise ScanNetError("bad_matrix", f"{path.name}: {values.size} numbers, expected "
-                           f"{shape[0]}x{shape[1]}")
+        raise ScanNetError(FailureCode.BAD_MATRIX, f"{path.name}: {values.size} numbers, expected "
+                                                   f"{shape[0]}x{shape[1]}")
     return values.reshape(shape)
 
 
@@ -130,11 +131,12 @@ def read_pose(path: Path) -> np.ndarray:
     1e-2, last row ``0 0 0 1``: ScanNet writes 6 decimals)."""
     pose = read_matrix(path)
     if not np.isfinite(pose).all():
-        raise ScanNetError("bad_pose", f"{path.name}: pose is not finite (tracking lost)")
+        raise ScanNetError(FailureCode.BAD_POSE, f"{path.name}: pose is not finite (tracking lost)")
     rigid = np.allclose(pose[3], [0, 0, 0, 1], atol=1e-6) \
         and abs(np.linalg.det(pose[:3, :3]) - 1) <= 1e-2
     if not rigid:
-        raise ScanNetError("bad_pose", f"{path.name}: not a rigid camera-to-world transform")
+        raise ScanNetError(FailureCode.BAD_POSE,
+                           f"{path.name}: not a rigid camera-to-world transform")
     return pose
 
 
@@ -143,9 +145,9 @@ def read_intrinsics(path: Path) -> np.ndarray:
     values = read_matrix(path, (4, 4)) if _count_numbers(path) == 16 else read_matrix(path, (3, 3))
     k = values[:3, :3]
     if not np.isfinite(k).all():
-        raise ScanNetError("bad_intrinsics", f"{path.name}: intrinsics are not finite")
+        raise ScanNetError(FailureCode.BAD_INTRINSICS, f"{path.name}: intrinsics are not finite")
     if k[0, 0] <= 0 or k[1, 1] <= 0:
-        raise ScanNetError("bad_intrinsics", f"{path.name}: focal lengths must be > 0")
+        raise ScanNetError(FailureCode.BAD_INTRINSICS, f"{path.name}: focal lengths must be > 0")
     return k
 
 
@@ -235,7 +237,7 @@ def fit_intrinsics(k: np.ndarray, size: tuple[int, int], what: str, tolerance: f
             scaled = scale_intrinsics(k, width / source[0], height / source[1])
             if principal_point_offset(scaled, size) <= tolerance:
                 return FittedIntrinsics(scaled, tuple(source), how)
-    raise ScanNetError("intrinsics_mismatch", (
+    raise ScanNetError(FailureCode.INTRINSICS_MISMATCH, (
         f"{what}: principal point ({k[0, 2]:.1f}, {k[1, 2]:.1f}) does not fit the "
         f"{width}x{height} image it is used with, nor scaled from "
         f"{' or '.join(tried) or 'another size'}; at most {ASPECT_TOLERANCE:.0%} aspect "
@@ -251,7 +253,7 @@ def read_depth(path: Path, scale: float = 1000.0) -> np.ndarray:
 
     raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if raw is None or raw.ndim != 2:
-        raise ScanNetError("bad_depth", f"{path.name}: not a single-channel image")
+        raise ScanNetError(FailureCode.BAD_DEPTH, f"{path.name}: not a single-channel image")
     depth = raw.astype(np.float32) / np.float32(scale)
     depth[~np.isfinite(depth) | (depth < 0)] = 0   # float depth files: NaN/inf/negative = unknown
     return depth
@@ -264,20 +266,21 @@ def read_image_size(path: Path) -> tuple[int, int]:
     try:
         return image_size(path)
     except ImageDecodeError as e:
-        raise ScanNetError("bad_image", f"{path.name}: {e.reason}") from None
+        raise ScanNetError(FailureCode.BAD_IMAGE, f"{path.name}: {e.reason}") from None
 
 
 def read_point_cloud(path: Path) -> np.ndarray:
     """World points ``(N,3)`` float32 from a PLY (ascii or binary) vertex element or an ``.npy``
     of shape ``(N, >=3)`` (the first three columns are x, y, z)."""
     if not path.is_file():
-        raise ScanNetError("missing_file", f"point cloud not found: {path}")
+        raise ScanNetError(FailureCode.MISSING_FILE, f"point cloud not found: {path}")
     if path.suffix == ".npy":
         points = np.load(path, allow_pickle=False)
     else:
         points = _read_ply_vertices(path)
     if points.ndim != 2 or points.shape[1] < 3:
-        raise ScanNetError("bad_point_cloud", f"{path.name}: shape {points.shape}, want (N,3)")
+        raise ScanNetError(FailureCode.BAD_POINT_CLOUD,
+                           f"{path.name}: shape {points.shape}, want (N,3)")
     return np.ascontiguousarray(points[:, :3], dtype=np.float32)   # may hold NaN/inf rows
 
 
@@ -285,7 +288,7 @@ def _read_ply_vertices(path: Path) -> np.ndarray:
     data = path.read_bytes()
     end = data.find(b"end_header")
     if not data.startswith(b"ply") or end < 0:
-        raise ScanNetError("bad_point_cloud", f"{path.name}: not a PLY file")
+        raise ScanNetError(FailureCode.BAD_POINT_CLOUD, f"{path.name}: not a PLY file")
     body_start = data.index(b"\n", end) + 1
     fmt, elements = _parse_ply_header(data[:end].decode("ascii", "replace"), path)
     before = 0
@@ -293,9 +296,10 @@ def _read_ply_vertices(path: Path) -> np.ndarray:
         if name == "vertex":
             return _ply_xyz(data[body_start:], fmt, before, count, props, path)
         if fmt != "ascii" and any(kind.startswith("list") for _, kind in props):
-            raise ScanNetError("bad_point_cloud", f"{path.name}: list element before vertices")
+            raise ScanNetError(FailureCode.BAD_POINT_CLOUD,
+                               f"{path.name}: list element before vertices")
         before += count if fmt == "ascii" else count * _row_bytes(props)
-    raise ScanNetError("bad_point_cloud", f"{path.name}: no vertex element")
+    raise ScanNetError(FailureCode.BAD_POINT_CLOUD, f"{path.name}: no vertex element")
 
 
 def _parse_ply_header(header: str, path: Path) -> tuple[str, list[tuple[str, int, list]]]:
@@ -310,7 +314,8 @@ def _parse_ply_header(header: str, path: Path) -> tuple[str, list[tuple[str, int
             kind = "list" if words[1] == "list" else _PLY_TYPES.get(words[1], "?")
             elements[-1][2].append((words[-1], kind))
     if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
-        raise ScanNetError("bad_point_cloud", f"{path.name}: unsupported PLY format {fmt!r}")
+        raise ScanNetError(FailureCode.BAD_POINT_CLOUD,
+                           f"{path.name}: unsupported PLY format {fmt!r}")
     return fmt, elements
 
 
@@ -321,7 +326,7 @@ def _row_bytes(props: list[tuple[str, str]]) -> int:
 def _ply_xyz(body: bytes, fmt: str, skip: int, count: int, props: list, path: Path) -> np.ndarray:
     names = [name for name, _ in props]
     if not {"x", "y", "z"} <= set(names) or any(k in ("list", "?") for _, k in props):
-        raise ScanNetError("bad_point_cloud", f"{path.name}: vertex needs scalar x, y, z")
+        raise ScanNetError(FailureCode.BAD_POINT_CLOUD, f"{path.name}: vertex needs scalar x, y, z")
     if fmt == "ascii":
         lines = body.decode("ascii", "replace").splitlines()[skip:skip + count]
         table = np.array([line.split() for line in lines], dtype=np.float64).reshape(-1, len(names))
@@ -330,9 +335,10 @@ def _ply_xyz(body: bytes, fmt: str, skip: int, count: int, props: list, path: Pa
         order = "<" if fmt == "binary_little_endian" else ">"
         dtype = np.dtype([(name, order + kind) for name, kind in props])
         if len(body) < skip + count * dtype.itemsize:
-            raise ScanNetError("bad_point_cloud", f"{path.name}: truncated vertex data")
+            raise ScanNetError(FailureCode.BAD_POINT_CLOUD, f"{path.name}: truncated vertex data")
         table = np.frombuffer(body, dtype=dtype, count=count, offset=skip)
         cols = [table[axis] for axis in "xyz"]
     if len(cols[0]) != count:
-        raise ScanNetError("bad_point_cloud", f"{path.name}: {len(cols[0])} of {count} vertices")
+        raise ScanNetError(FailureCode.BAD_POINT_CLOUD,
+                           f"{path.name}: {len(cols[0])} of {count} vertices")
     return np.stack(cols, axis=1)

@@ -16,6 +16,7 @@ import numpy as np
 
 from featcache.datasets import scannet
 from featcache.datasets.frames import frame_number
+from featcache.failures import FailureCode
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ def read_frame(scene_dir: Path, stem: str, depth_scale: float,
     pose = scannet.read_pose(paths.pose)
     depth = scannet.read_depth(paths.depth, depth_scale)
     if not (depth > 0).any():
-        raise scannet.ScanNetError("empty_depth", f"{paths.depth.name}: depth map is all zero")
+        raise scannet.ScanNetError(FailureCode.EMPTY_DEPTH,
+                                   f"{paths.depth.name}: depth map is all zero")
     intrinsic = scene_dir / "intrinsic"
     meta = scannet.read_scene_meta(scene_dir / f"{scene_dir.name}.txt")
     size = scannet.read_image_size(paths.color)
@@ -94,5 +96,5 @@ def _cached_points(path: str, mtime_ns: int) -> np.ndarray:
 def load_points(path: Path) -> np.ndarray:
     """A scene's point cloud ``(N,3)`` float32 (read-only), cached per worker process."""
     if not path.is_file():
-        raise scannet.ScanNetError("missing_file", f"point cloud not found: {path}")
+        raise scannet.ScanNetError(FailureCode.MISSING_FILE, f"point cloud not found: {path}")
     return _cached_points(str(path), path.stat().st_mtime_ns)

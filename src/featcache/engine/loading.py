@@ -25,6 +25,7 @@ import torch
 
 from featcache.engine.signatures import batched_signatures
 from featcache.engine.types import Batch, Failure, Job, Piece
+from featcache.failures import FailureCode, code_of
 
 ITEM_TIMEOUT_ENV = "FEATCACHE_ITEM_TIMEOUT_S"   # seconds one item's load may take; 0 = none
 DEFAULT_ITEM_TIMEOUT_S = 600.0
@@ -33,6 +34,8 @@ PIPE_BYTES = 4 << 20   # tensors up to this size cross as numpy arrays (see the 
 
 class ItemTimeout(Exception):
     """An item's load ran past the item timeout (a hung read or decoder)."""
+
+    code = FailureCode.ITEM_TIMEOUT
 
 
 def item_timeout_s() -> float:
@@ -98,7 +101,7 @@ class ItemDataset(torch.utils.data.Dataset):
             with _deadline(self.timeout_s, item):
                 loaded = list(self.job.load(item))
         except Exception as e:  # one bad item must not stop the run
-            return shard, member, [Failure(item, type(e).__name__, str(e) or repr(e))]
+            return shard, member, [Failure(item, *code_of(e))]
         if torch.utils.data.get_worker_info() is not None:
             loaded = [_to_wire(r) for r in loaded]
         return shard, member, loaded

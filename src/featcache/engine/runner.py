@@ -62,6 +62,7 @@ from featcache.engine.shards import (
 from featcache.engine.types import Batch, EngineParams, Failure, Job, Piece, RunResult
 from featcache.engine.views import get_view
 from featcache.engine.writers import WriterOptions, cast, h5_compression
+from featcache.failures import FailureCode, unexpected_message
 from featcache.provenance import library_versions
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ def _compute_into(compute: Compute, taken: list[tuple[int, Piece]], built: _Shar
     except Exception as e:
         if len(taken) == 1:
             m, p = taken[0]
-            built.failures.append((m, Failure(p.key, type(e).__name__, str(e) or repr(e))))
+            built.failures.append((m, Failure(p.key, FailureCode.COMPUTE_ERROR,
+                                              unexpected_message(e))))
             return
         log.warning("a batch of %d failed (%s: %s); retrying its pieces one by one",
                     len(taken), type(e).__name__, e)

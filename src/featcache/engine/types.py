@@ -9,6 +9,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from featcache.config import require
+from featcache.failures import FailureCode
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,16 +71,29 @@ class Piece:
 
 @dataclass(frozen=True)
 class Failure:
-    """An item (or part of one) that could not be processed: one row of ``failures.tsv``."""
+    """An item (or part of one) that could not be processed: one row of ``failures.tsv``.
+
+    ``error`` is a :class:`~featcache.failures.FailureCode` (a plain string of one is turned
+    into it; any other string is a ``ValueError``: the vocabulary is closed)."""
 
     item: str
-    error: str
+    error: FailureCode
     message: str
 
+    def __post_init__(self) -> None:
+        if self.error not in _CODES:
+            raise ValueError(f"failure code {self.error!r} of {self.item!r} is not a "
+                             "featcache.failures.FailureCode; add it there (and to the README)")
+        object.__setattr__(self, "error", FailureCode(self.error))
+
     @classmethod
-    def duplicate_stem(cls, item: str, earlier: str) -> Failure:
-        """``item`` shares its stem (so its output file name) with ``earlier``, which wins."""
-        return cls(item, "duplicate_stem", f"same stem as {earlier}, which is written instead")
+    def duplicate_key(cls, item: str, key: str, earlier: str) -> Failure:
+        """``item`` would be written under ``key``, which ``earlier`` already takes (and wins)."""
+        return cls(item, FailureCode.DUPLICATE_KEY,
+                   f"key {key!r} is already taken by {earlier}, which is written instead")
+
+
+_CODES = frozenset(c.value for c in FailureCode)
 
 
 class Job(Protocol):

@@ -35,7 +35,14 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from featcache.engine.atomic import NAME_MAX, atomic_path, name_bytes, save_npz, write_text
+from featcache.engine.atomic import (
+    NAME_MAX,
+    atomic_path,
+    name_bytes,
+    save_npz,
+    write_text,
+)
+from featcache.failures import FailureCode
 
 Arrays = Mapping[str, Sequence[np.ndarray] | np.ndarray]
 
@@ -61,7 +68,7 @@ class ItemNameError(ValueError):
     """One key cannot be written as a per-item file; ``code`` is its ``failures.tsv`` error
     (``bad_name``, ``name_too_long`` or ``name_collision``)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: FailureCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -77,25 +84,29 @@ def check_file_name(rel: str, *, tsv: bool = False) -> None:
     folder) is a path every POSIX filesystem accepts and that stays inside the folder; with
     ``tsv`` also refuse control characters (they would break a tab-separated index)."""
     if "\x00" in rel:
-        raise ItemNameError("bad_name", f"{rel!r}: a NUL byte cannot be in a file name")
+        raise ItemNameError(FailureCode.BAD_NAME, f"{rel!r}: a NUL byte cannot be in a file name")
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
-        raise ItemNameError("bad_name", f"{rel!r}: not valid unicode (undecodable bytes in "
-                                        "the source name)") from None
+        raise ItemNameError(FailureCode.BAD_NAME,
+                            f"{rel!r}: not valid unicode (undecodable bytes in "
+                            "the source name)") from None
     if tsv and _CONTROL.search(rel):
-        raise ItemNameError("bad_name", f"{rel!r}: a tab, newline or other control character "
-                                        "would break index.tsv")
+        raise ItemNameError(FailureCode.BAD_NAME,
+                            f"{rel!r}: a tab, newline or other control character "
+                            "would break index.tsv")
     parts = rel.split("/")
     if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ItemNameError("bad_name", f"{rel!r}: an empty, '.', '..' or absolute path "
-                                        "component would leave the output folder")
+        raise ItemNameError(FailureCode.BAD_NAME, f"{rel!r}: an empty, '.', '..' or absolute path "
+                                                  "component would leave the output folder")
     if parts[0] in RESERVED_NAMES:
-        raise ItemNameError("bad_name", f"{rel!r}: {parts[0]!r} is reserved in the output "
-                                        "folder")
+        raise ItemNameError(FailureCode.BAD_NAME,
+                            f"{rel!r}: {parts[0]!r} is reserved in the output "
+                            "folder")
     for part in parts:
         if name_bytes(part) > NAME_MAX:
-            raise ItemNameError("name_too_long", f"{part[:40]}...: the file name would be "
+            raise ItemNameError(FailureCode.NAME_TOO_LONG,
+                                f"{part[:40]}...: the file name would be "
                                 f"{name_bytes(part)} bytes, more than the filesystem's "
                                 f"{NAME_MAX}; shorten the input's name")
 
@@ -124,8 +135,8 @@ def plan_files(writer: type["Writer"], options: "WriterOptions",
     def clash(a: str, b: str, name: str) -> None:
         for k, other in ((a, b), (b, a)):
             refused.setdefault(k, ItemNameError(
-                "name_collision", f"{name}: the file of {k!r} would also be the file (or "
-                                  f"folder) of {other!r}; rename one of the inputs"))
+                FailureCode.NAME_COLLISION, f"{name}: the file of {k!r} would also be the file (or "
+                                            f"folder) of {other!r}; rename one of the inputs"))
 
     for key, names in claims:
         for name in names:

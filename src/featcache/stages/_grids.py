@@ -54,12 +54,17 @@ from featcache.datasets.images import (
 )
 from featcache.encoders import Preprocessor, load_encoder, resolve_device
 from featcache.encoders.device_input import batch_model_input
-from featcache.encoders.preprocess import PREPROCESS_DESCRIPTIONS, PreprocessPath, prepare_file
+from featcache.encoders.preprocess import (
+    PREPROCESS_DESCRIPTIONS,
+    PreprocessPath,
+    prepare_file,
+)
 from featcache.engine import WriterOptions, finish_stage, run_job
 from featcache.engine.atomic import write_text
 from featcache.engine.distributed import init_distributed, rank_device
 from featcache.engine.inference import autocast_for, resolve_precision, to_storage
 from featcache.engine.types import Failure, ModelParams, Piece, Precision, RunResult
+from featcache.failures import FailureCode
 from featcache.provenance import GridProvenance, encoder_facts, library_versions
 from featcache.stages._grid_geometry import ArrayLayout, alpha_grid, arrange_grid
 from featcache.stages._image_folder import ImageFolderJob, index_folder
@@ -163,12 +168,6 @@ class GridJob(ImageFolderJob):
     def signature_extra(self, item: str) -> str:
         return self.keys[item]
 
-    def duplicate_failure(self, item: str) -> Failure:
-        return Failure(item, "duplicate_key", f"key {self.keys[item]!r} is already taken "
-                                              f"by {self.duplicates[item]}")
-
-    decode_error_code = "decode_error"
-
     def load_item(self, item: str) -> list[Piece | Failure]:   # fast paths: arrays, no tensor
         if self.preprocessor.path == "exact":
             return super().load_item(item)
@@ -176,7 +175,7 @@ class GridJob(ImageFolderJob):
             got = prepare_file(self.folder / item, self.preprocessor, lambda image:
                                composite_alpha(image.rgb, image.alpha, self.background))
         except ImageDecodeError as e:
-            return [Failure(item, self.decode_error_code, e.reason)]
+            return [Failure(item, FailureCode.BAD_IMAGE, e.reason)]
         image, arrays = got.image, dict(got.arrays)
         if self.mask_target is not None and image is not None and image.alpha is not None:
             arrays["mask"] = alpha_grid(image.alpha, image.rgb.shape[:2], self.preprocessor,

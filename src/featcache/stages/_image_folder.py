@@ -25,6 +25,7 @@ from featcache.datasets.images import (
 )
 from featcache.engine import file_signature
 from featcache.engine.types import Failure, Piece
+from featcache.failures import FailureCode
 
 
 def stem_key(name: str) -> str:
@@ -65,15 +66,10 @@ class ImageFolderJob:
     def signature(self, item: str) -> str:
         return file_signature(self.signature_files(item), extra=self.signature_extra(item))
 
-    def duplicate_failure(self, item: str) -> Failure:
-        return Failure.duplicate_stem(item, self.duplicates[item])
-
-    decode_error_code = "bad_image"
-
     def load(self, item: str) -> list[Piece | Failure]:
         """A duplicate's failure row, or :meth:`load_item`'s pieces."""
         if item in self.duplicates:
-            return [self.duplicate_failure(item)]
+            return [Failure.duplicate_key(item, self.keys[item], self.duplicates[item])]
         return self.load_item(item)
 
     def load_item(self, item: str) -> list[Piece | Failure]:
@@ -81,7 +77,7 @@ class ImageFolderJob:
         try:
             image = self.decode(item)
         except ImageDecodeError as e:
-            return [Failure(item, self.decode_error_code, e.reason)]
+            return [Failure(item, FailureCode.BAD_IMAGE, e.reason)]
         return self.prepare(item, image)
 
     def decode(self, item: str) -> DecodedImage:

@@ -11,12 +11,13 @@ import torch
 
 from featcache.encoders.base import EncoderSpec
 from featcache.encoders.preprocess import Preprocessor
+from featcache.failures import FailureCode
 
 
 class GridError(ValueError):
     """A missing or unusable CLIP grid; ``code`` names the failure in ``failures.tsv``."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: FailureCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -28,9 +29,10 @@ def tokens_to_map(tokens: np.ndarray, upscale: int) -> torch.Tensor:
     n, width = tokens.shape
     side = math.isqrt(n)
     if side * side != n:
-        raise GridError("bad_grid", f"{n} tokens do not form a square grid")
+        raise GridError(FailureCode.BAD_GRID, f"{n} tokens do not form a square grid")
     if width % (upscale * upscale):
-        raise GridError("bad_grid", f"width {width} is not divisible by upscale² = {upscale**2}")
+        raise GridError(FailureCode.BAD_GRID,
+                        f"width {width} is not divisible by upscale² = {upscale**2}")
     grid = torch.from_numpy(np.asarray(tokens, dtype=np.float32)).T.reshape(width, side, side)
     return torch.nn.functional.pixel_shuffle(grid[None], upscale)[0]
 
@@ -92,5 +94,6 @@ def grid_tokens(grid: np.ndarray) -> np.ndarray:
         return grid
     if grid.ndim == 3:
         return grid.reshape(grid.shape[0], -1).T
-    raise GridError("bad_grid", f"grid of shape {grid.shape}: expected (g*g, width) tokens "
-                                "or (width, g, g)")
+    raise GridError(FailureCode.BAD_GRID,
+                    f"grid of shape {grid.shape}: expected (g*g, width) tokens "
+                    "or (width, g, g)")

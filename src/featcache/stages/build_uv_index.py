@@ -64,6 +64,7 @@ from featcache.datasets.scannet_frames import (
 )
 from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
+from featcache.failures import FailureCode
 from featcache.provenance import UvIndexProvenance
 from featcache.reader import open_features
 
@@ -154,13 +155,13 @@ def index_frame(points: np.ndarray, frame: FrameData, params: UvIndexParams,
                                             params.depth_max)
     in_image = geometry.depth_in_color(frame.depth, frame.k_depth, frame.k_color, frame.size)
     if in_image < params.min_depth_in_image:
-        raise scannet.ScanNetError("intrinsics_check", (
+        raise scannet.ScanNetError(FailureCode.INTRINSICS_CHECK, (
             f"frame {frame.stem}: only {in_image:.1%} of the depth pixels land inside the "
             f"{frame.size[0]}x{frame.size[1]} colour image (min_depth_in_image "
             f"{params.min_depth_in_image}): colour and depth intrinsics do not describe this "
             "image and depth map"))
     if agreement < params.min_depth_agreement:
-        raise scannet.ScanNetError("pose_check", (
+        raise scannet.ScanNetError(FailureCode.POSE_CHECK, (
             f"frame {frame.stem}: only {agreement:.1%} of the scene points on known depth "
             f"pixels agree with the depth map within {params.occlusion_tolerance} m "
             f"(min_depth_agreement {params.min_depth_agreement}): the pose is not this "
@@ -173,8 +174,9 @@ def index_frame(points: np.ndarray, frame: FrameData, params: UvIndexParams,
     err = geometry.reprojection_error(frame.depth, frame.k_depth, frame.k_color, frame.pose,
                                       frame.size)
     if not np.isfinite(err):
-        raise scannet.ScanNetError("intrinsics_check", f"frame {frame.stem}: no depth pixel "
-                                                       "lands inside the colour image")
+        raise scannet.ScanNetError(FailureCode.INTRINSICS_CHECK,
+                                   f"frame {frame.stem}: no depth pixel "
+                                   "lands inside the colour image")
     return {
         "uv_idx": np.where(finite[:, None], proj.uv, np.float32(geometry.UV_BEHIND)),
         "valid": valid, "depth": np.where(finite, proj.depth, np.float32(0)),
@@ -235,11 +237,11 @@ class UvIndexJob:
     def load(self, item: str) -> list[Piece | Failure]:
         parsed = self._parse(item)
         if isinstance(parsed, str):
-            return [Failure(item, "bad_scene_name", parsed)]
+            return [Failure(item, FailureCode.BAD_SCENE_NAME, parsed)]
         scene, number = parsed
         scene_dir = self.scene_dir(scene)
         if number is None:
-            return [Failure(item, "missing_scene", f"no frames found in {scene_dir}")]
+            return [Failure(item, FailureCode.MISSING_SCENE, f"no frames found in {scene_dir}")]
         try:
             stem = self._stem(scene_dir, number)
             data = read_frame(scene_dir, stem, self.params.depth_scale,

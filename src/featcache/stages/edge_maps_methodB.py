@@ -36,6 +36,7 @@ from featcache.datasets.sa1b import (
 )
 from featcache.engine import WriterOptions, finish_stage, run_job
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
+from featcache.failures import FailureCode
 from featcache.provenance import EdgeProvenance
 from featcache.stages._image_folder import ImageFolderJob, index_folder
 
@@ -139,8 +140,9 @@ def compute_image_edges(image_path: Path, kernel_size: int,
     record = read_sa1b_json(json_path_for(image_path))
     image_size = read_image_size(image_path)
     if image_size != (record.height, record.width):
-        raise Sa1bError("size_mismatch", f"JSON says {record.height}x{record.width}, the image "
-                                         f"is {image_size[0]}x{image_size[1]} (HxW)")
+        raise Sa1bError(FailureCode.SIZE_MISMATCH,
+                        f"JSON says {record.height}x{record.width}, the image "
+                        f"is {image_size[0]}x{image_size[1]} (HxW)")
     shape = (record.height, record.width)
     return edge_fields(edge_map_method_b(iter_instance_masks(record), shape, kernel_size), sizes)
 

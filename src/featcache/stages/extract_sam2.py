@@ -40,13 +40,18 @@ from featcache.config import ParamError, SharedParams, require
 from featcache.datasets.images import DecodedImage, ImageDecodeError, list_images
 from featcache.encoders import Preprocessor, resolve_device
 from featcache.encoders.device_input import batch_model_input
-from featcache.encoders.preprocess import PREPROCESS_DESCRIPTIONS, PreprocessPath, prepare_file
+from featcache.encoders.preprocess import (
+    PREPROCESS_DESCRIPTIONS,
+    PreprocessPath,
+    prepare_file,
+)
 from featcache.encoders.sam2 import CONFIGS, load_sam2, resolve_sam2_spec
 from featcache.encoders.weights import resolve_stage_spec
 from featcache.engine import WriterOptions, finish_stage, run_job
 from featcache.engine.distributed import init_distributed, rank_device
 from featcache.engine.inference import autocast_for, resolve_precision, to_storage
 from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult
+from featcache.failures import FailureCode
 from featcache.provenance import Sam2Provenance, encoder_facts
 from featcache.stages._image_folder import ImageFolderJob, index_folder
 
@@ -116,7 +121,7 @@ class Sam2Job(ImageFolderJob):
         try:
             got = prepare_file(self.folder / item, self.preprocess, lambda image: image.rgb)
         except ImageDecodeError as e:
-            return [Failure(item, self.decode_error_code, e.reason)]
+            return [Failure(item, FailureCode.BAD_IMAGE, e.reason)]
         return [Piece(key=self.keys[item], tensor=None, arrays=got.arrays)]
 
 

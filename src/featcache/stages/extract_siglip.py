@@ -54,6 +54,7 @@ from featcache.engine.distributed import init_distributed, rank_device
 from featcache.engine.inference import autocast_for, resolve_precision, to_storage
 from featcache.engine.shards import SHARDS_DIR, read_index
 from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult
+from featcache.failures import FailureCode
 from featcache.provenance import CropSettings, SiglipProvenance, encoder_facts
 
 if TYPE_CHECKING:
@@ -193,8 +194,9 @@ class SiglipJob:
             bbox = mask_bbox(mask)
             key = segment_key(image.image_id, seg.id)
             if bbox is None:
-                out.append(Failure(key, "empty_mask", f"segment {seg.id} is in the JSON but "
-                                                      f"has no pixel in {image.png_file}"))
+                out.append(Failure(key, FailureCode.EMPTY_MASK,
+                                   f"segment {seg.id} is in the JSON but "
+                                   f"has no pixel in {image.png_file}"))
                 continue
             box = crop_box(bbox, *ids.shape, self.crop.pad_ratio, self.crop.min_crop)
             tensor = self.preprocess.prepare(segment_crop(rgb, mask, box, self.crop))

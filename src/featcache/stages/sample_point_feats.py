@@ -44,6 +44,7 @@ from featcache.encoders.base import EncoderSpec
 from featcache.engine import WriterOptions, file_signature, finish_stage, run_job
 from featcache.engine.shards import INDEX_NAME, SHARDS_DIR, ShardReader, read_index
 from featcache.engine.types import EngineParams, Failure, Piece, RunResult
+from featcache.failures import FailureCode
 from featcache.provenance import (
     GridProvenance,
     GridSource,
@@ -168,8 +169,8 @@ def check_view_sources(path: Path) -> None:
                    and f[name].is_virtual for s in f[name].virtual_sources()}
     missing = sorted(s for s in sources if not (path.parent / s).is_file())
     if missing:
-        raise GridError("bad_grid", f"{path} is a view of files that are missing (e.g. "
-                                    f"{missing[0]}): its output folder is gone")
+        raise GridError(FailureCode.BAD_GRID, f"{path} is a view of files that are missing (e.g. "
+                                              f"{missing[0]}): its output folder is gone")
 
 
 @lru_cache(maxsize=16)
@@ -188,7 +189,7 @@ def grid_provenance(store: FeatureStore) -> GridProvenance:
     try:
         return GridProvenance.from_dict(store.provenance)
     except ProvenanceError as e:
-        raise GridError("bad_provenance", f"{store.path}: {e}") from None
+        raise GridError(FailureCode.BAD_PROVENANCE, f"{store.path}: {e}") from None
 
 
 def read_grid(clip_grid: Path, scene: str, index: int) -> tuple[np.ndarray, EncoderSpec]:
@@ -196,18 +197,18 @@ def read_grid(clip_grid: Path, scene: str, index: int) -> tuple[np.ndarray, Enco
     them; :class:`GridError` when there are none."""
     source = grid_source(clip_grid, scene)
     if source is None:
-        raise GridError("missing_grid", f"no grids for scene {scene}: neither "
-                                        f"{clip_grid / scene}/ nor {clip_grid / scene}.h5")
+        raise GridError(FailureCode.MISSING_GRID, f"no grids for scene {scene}: neither "
+                        f"{clip_grid / scene}/ nor {clip_grid / scene}.h5")
     try:
         record = grid_records(source).get(index)
         if record is None:
-            raise GridError("missing_grid", f"{source} has no grid for frame {index}")
+            raise GridError(FailureCode.MISSING_GRID, f"{source} has no grid for frame {index}")
         store = open_store(source, GRID_FIELD)
         tokens = grid_tokens(np.asarray(store[record[0]]))
     except (OSError, KeyError, ValueError) as e:
         if isinstance(e, GridError):
             raise
-        raise GridError("bad_grid", f"{source}: {type(e).__name__}: {e}") from None
+        raise GridError(FailureCode.BAD_GRID, f"{source}: {type(e).__name__}: {e}") from None
     return tokens, grid_provenance(store).preprocessing
 
 

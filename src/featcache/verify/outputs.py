@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from featcache.config import lookup
+from featcache.failures import FailureCode
 from featcache.reader import open_features
 from featcache.verify.checks import Report, problems_to
 
 # failure codes that mean "the key this item needs is not in the upstream output"
-KEY_MISMATCH: dict[str, tuple[tuple[str, ...], str]] = {
-    "point_feats": (("missing_grid",), "extract_clip_grid"),
+KEY_MISMATCH: dict[str, tuple[tuple[FailureCode, ...], str]] = {
+    "point_feats": ((FailureCode.MISSING_GRID,), "extract_clip_grid"),
 }
 
 
