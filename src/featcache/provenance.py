@@ -222,7 +222,6 @@ class GridProvenance(EncodedProvenance):
     precision: str
     host_path: str = ""
     preprocess: str = "exact"   # the stage's preprocess param (exact | fast | gpu_decode)
-    preprocess: str = "exact"   # the preprocessing path that made the file (exact | fast | gpu_decode)
 
 
 @dataclass(frozen=True)
@@ -267,7 +266,6 @@ class Sam2Provenance(EncodedProvenance):
     raw_levels: str = ""
     input: str = ""
     preprocess: str = "exact"   # the stage's preprocess param (exact | fast | gpu_decode)
-    preprocess: str = "exact"   # the preprocessing path that made the file (exact | fast | gpu_decode)
 
 
 @dataclass(frozen=True, kw_only=True)
