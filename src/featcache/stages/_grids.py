@@ -135,7 +135,6 @@ def image_key(name: str, rule: KeyRule) -> str:
 
 def list_splits(params: GridParams, stage: str) -> dict[str, tuple[Path, list[Path]]]:
     """``{split: (folder, image paths)}``; a missing or empty split is a :class:`ParamError`."""
-
     root = Path(params.root)
     if not root.is_dir():
         raise ParamError(f"{stage}.root: folder not found: {root}")
@@ -194,7 +193,6 @@ class GridJob(ImageFolderJob):
 def build_grid_job(folder: Path, paths: list[Path], rule: KeyRule, preprocessor: Preprocessor,
                    background: tuple[int, int, int], mask_target: int | None) -> GridJob:
     """The :class:`GridJob` of one listed split folder."""
-
     names, keys, dupes = index_folder([p.name for p in paths], lambda n: image_key(n, rule))
     return GridJob(folder, names, keys, dupes, preprocessor, tuple(background), mask_target)
 
@@ -218,7 +216,6 @@ class GridCompute:
     pad_to: int = 0   # rows of every model call on the device paths (the engine's batch_size)
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
-
         x = batch_model_input(batch.inputs, batch.arrays, self.encoder.spec, self.device,
                               self.pad_to)
         with autocast_for(self.device, self.precision):
@@ -236,7 +233,6 @@ class GridCompute:
     def item_bytes(self, dtype: str) -> int:
         """Bytes one image stores (grid, pooled embedding), from one forward of a blank
         input: the shard size depends on the model, never on the data."""
-
         h, w = self.encoder.spec.input_size
         blank = torch.zeros(1, 3, h, w, device=self.device)
         with torch.inference_mode():
@@ -266,7 +262,6 @@ def run_grid_stage(plan: GridPlan, shared: SharedParams, params: GridParams) -> 
     Raises :class:`ParamError` for a missing/empty split before loading the model, and
     ``TooManyFailures`` (after writing everything) when failures exceed ``max_failures``.
     """
-
     splits = list_splits(params, plan.stage)
     inputs = survey_splits(plan.stage, splits)
     device = rank_device(resolve_device(shared.device), init_distributed())
@@ -284,7 +279,6 @@ def survey_splits(stage: str, splits: dict[str, tuple[Path, list[Path]]],
     """Per split: ``image_files`` listed, plus :func:`featcache.datasets.images.survey_folder`'s counts
     (files that are not images, sub-folders, 16-bit files with a low range), logged when
     non-zero: the metrics' ``inputs`` entry."""
-
     inputs = {}
     for name, (folder, paths) in splits.items():
         counts = {"image_files": len(paths), **survey_folder(folder, paths)}
@@ -304,7 +298,6 @@ def survey_splits(stage: str, splits: dict[str, tuple[Path, list[Path]]],
 def run_split(plan: GridPlan, params: GridParams, split: str, folder: Path, paths: list[Path],
               compute: GridCompute) -> RunResult:
     """Run the engine on one split folder and write its output (see :func:`run_grid_stage`)."""
-
     npy = params.layout == "npy"
     rule: KeyRule = "stem" if npy else "image_id"
     job = build_grid_job(folder, paths, rule, Preprocessor(plan.spec, params.preprocess),
@@ -360,13 +353,11 @@ HOST_PATH = ("workers: decode, resize, crop -> uint8; device: /255, normalise, f
 
 def _compute_precision(encoder: Encoder, precision: Precision) -> str:
     """The precision ``auto`` resolves to on the encoder's device (bf16 where supported)."""
-
     return resolve_precision(next(encoder.parameters()).device, precision)
 
 
 def image_header(path: Path) -> dict[str, Any]:
     """Display size, PIL mode and transparency of an image file, read from its header only."""
-
     with Image.open(path) as img:
         width, height = img.size
         if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that transpose
@@ -378,7 +369,6 @@ def image_header(path: Path) -> dict[str, Any]:
 def write_meta_files(out: Path, job: GridJob, prov: GridProvenance) -> int:
     """``<out>/<stem>.json`` for every written image (the seed's ``--save_meta``): the image,
     its size and mode, the arrays' files and shape, the model and preprocessing."""
-
     common = {"model": prov.model, "weights": prov.weights, "weights_id": prov.weights_id,
               "grid": prov.grid, "array_shape": prov.array_shape,
               "background": list(prov.background),
