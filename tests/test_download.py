@@ -431,10 +431,10 @@ def test_weights_are_fetched_into_weights_dir(server: ServerState, tmp_path: Pat
     server.files["/ckpt.pt"] = data
     params = _params(dataset="scannet", out=str(tmp_path / "raw"),
                      scannet={"path": str(_fake_scannet(tmp_path / "S", ["scene0000_00"]))},
-                     weights=["mine"], weights_dir=str(tmp_path / "weights"),
+                     weights=["mine"],
                      sources={"mine": {"url": f"{server.base}/ckpt.pt", "sha256": _sha(data),
                                        "filename": "sub/mine.pt"}})
-    summary = run_download(SharedParams(), params)
+    summary = run_download(SharedParams(weights_dir=str(tmp_path / "weights")), params)
     assert summary["weights"] == [str(tmp_path / "weights/sub/mine.pt")]
     assert file_digests(tmp_path / "weights/sub/mine.pt")["sha256"] == _sha(data)
 

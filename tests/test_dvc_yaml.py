@@ -5,6 +5,7 @@ path comes from params."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from featcache.config import LINKS
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-SHARED = {"model", "weights", "seed", "data"}
+SHARED = {"model", "weights", "seed", "data", "weights_dir", "checkpoints"}
 RUNTIME_KNOBS = {"runtime", "device", "batch_size", "num_workers"}
 
 spec = importlib.util.spec_from_file_location("stage_deps", ROOT / "scripts" / "stage_deps.py")
@@ -72,8 +73,8 @@ def test_shared_keys_read_are_declared(stage):
     source = (ROOT / "stages" / f"{stage}.py").read_text()
     modules = [ROOT / d for d in DVC[stage]["deps"] if d.endswith(".py")]
     text = source + "".join(m.read_text() for m in modules if m.is_file())
-    for key in ("model", "weights", "seed", "data"):
-        if f"shared.{key}" in text:
+    for key in sorted(SHARED):
+        if re.search(rf"\bshared\.{key}\b", text):
             assert key in DVC[stage]["params"], f"{stage} reads shared.{key}"
 
 

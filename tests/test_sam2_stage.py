@@ -83,6 +83,8 @@ def write_params(cwd: Path, section: dict, weights: str = "random") -> None:
     method = {k: v for k, v in section.items() if k not in knobs}
     doc = {"weights": weights, "seed": 0, "runtime": {"device": "cpu", STAGE: knobs},
            STAGE: method}
+    if weights != "random":  # a checkpoint must lie in a folder the stage depends on
+        doc["checkpoints"] = str(Path(weights).parent)
     (cwd / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
@@ -229,9 +231,9 @@ def test_provenance_names_encoder_weights_and_raw_levels(world, fp16_run) -> Non
     prov = open_features(fp16_run[0]).provenance
     assert prov["model"] == CONFIG and prov["family"] == "sam2"
     assert prov["weights_id"].startswith("sha256:") and prov["storage_dtype"] == "fp16"
+    assert "dtype" not in prov   # the storage dtype has one key in every output
     assert "conv_s0" in prov["raw_levels"] and "no_mem_embed" in prov["raw_levels"]
     assert prov["preprocessing"]["input_size"] == [1024, 1024]
-    assert "dtype" not in prov   # the storage dtype has one key in every output
     assert prov["layout"] == "shards" and prov["stage"] == STAGE
     assert sorted(prov["keys"]) == sorted(STORED)
 
@@ -291,7 +293,8 @@ def test_verify_checks_pass_on_both_layouts_and_fail_on_wrong_data(world, fp16_r
                                                                    tmp_path) -> None:
     import h5py
 
-    shared = SharedParams(weights=str(world["ckpt"]), device="cpu")
+    shared = SharedParams(weights=str(world["ckpt"]), checkpoints=str(world["ckpt"].parent),
+                          device="cpu")
 
     def failed(folder: Path) -> list[str]:
         report = Report()

@@ -94,7 +94,9 @@ def run_extract(tmp_path: Path, coco: Path, weights: str, **kw):
     os.chdir(tmp_path)
     try:
         params = make_params(coco, tmp_path / "out", **kw)
-        return params, extract_siglip(SharedParams(weights=weights, device="cpu"), params)
+        shared = SharedParams(weights=weights, checkpoints=str(Path(weights).parent),
+                              device="cpu")  # a checkpoint lies in a folder the stage depends on
+        return params, extract_siglip(shared, params)
     finally:
         os.chdir(cwd)
 

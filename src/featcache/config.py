@@ -82,6 +82,8 @@ class SharedParams:
     device: str = "auto"
     seed: int = 0
     data: str = ""       # the data root; "" = input paths as written (no params.yaml `data`)
+    weights_dir: str = "data/weights"  # download writes fetched weights here (a DVC output)
+    checkpoints: str = "checkpoints"   # the user's own checkpoint files (git or `dvc add`)
     weights_key: str = "weights"  # where ``weights`` came from: weights or <stage>.weights
 
     def validate(self) -> None:
@@ -91,6 +93,9 @@ class SharedParams:
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         require(self.data == "" or bool(self.data.strip()), "data",
                 "must name the folder the stages read (e.g. data/raw/sample)")
+        for key in ("weights_dir", "checkpoints"):
+            require(bool(getattr(self, key).strip()), key, "must name a folder (a DVC dependency "
+                    "of every model stage)")
 
 
 def validate_device(device: str, key: str) -> None:
@@ -142,7 +147,7 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-SHARED_KEYS = ("model", "weights", "seed", "data")
+SHARED_KEYS = ("model", "weights", "seed", "data", "weights_dir", "checkpoints")
 DATA_KEY = "data"
 RUNTIME_SECTION = "runtime"
 RUNTIME_KEYS = tuple(f.name for f in dataclasses.fields(RuntimeParams))

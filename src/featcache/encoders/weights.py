@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.config import ParamError, StageError
+from featcache.config import ParamError, SharedParams, StageError
 from featcache.engine.cli import checkpoint_refusal
 
 log = logging.getLogger(__name__)
@@ -209,15 +209,21 @@ def is_torchscript_archive(path: str | Path) -> bool:
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
-def resolve_stage_spec(resolve: Callable[..., Any], name: str, *, stage: str, weights: str,
-                       weights_key: str, seed: int, **options: Any) -> Any:
+def resolve_stage_spec(resolve: Callable[..., Any], name: str, *, stage: str,
+                       shared: SharedParams, **options: Any) -> Any:
     """``resolve(name, weights=..., seed=..., **options)`` (a family's ``resolve_*_spec``) for
     the model stage ``stage``, with a ``weights`` error renamed to the key the value came
     from (``<stage>.weights``, or the top-level ``weights`` default): a tag or checkpoint that
-    does not fit this stage's model family is refused, never applied."""
+    does not fit this stage's model family is refused, never applied.
 
+    A checkpoint path must lie inside ``shared.checkpoints`` or ``shared.weights_dir``, the two
+    folders every model stage lists as DVC dependencies, so that replacing the file re-runs the
+    stage. The encoders look for fetched weights in ``shared.weights_dir`` (published to this
+    process and its workers as ``$FEATCACHE_WEIGHTS_DIR``)."""
+    weights, weights_key, seed = shared.weights, shared.weights_key, shared.seed
+    os.environ["FEATCACHE_WEIGHTS_DIR"] = shared.weights_dir
     try:
-        return resolve(name, weights=weights, seed=seed, **options)
+        spec = resolve(name, weights=weights, seed=seed, **options)
     except ParamError as e:
         message = str(e)
         if not message.startswith("weights:"):
@@ -228,3 +234,20 @@ def resolve_stage_spec(resolve: Callable[..., Any], name: str, *, stage: str, we
                     f"{stage}.weights for the stage whose model it fits, and keep the "
                     f"top-level weights random or pretrained)")
         raise ParamError(f"{weights_key}{message[len('weights'):]}{hint}") from None
+    check_tracked_checkpoint(weights, weights_key, (shared.checkpoints, shared.weights_dir))
+    return spec
+
+
+def check_tracked_checkpoint(weights: str, key: str, folders: Sequence[str]) -> None:
+    """Refuse a checkpoint path outside ``folders`` (DVC would not see it change)."""
+    if not looks_like_path(weights):
+        return
+    path = Path(weights).expanduser().resolve()
+    for folder in folders:
+        if path.is_relative_to(Path(folder).resolve()):
+            return
+    raise ParamError(
+        f"{key}: {weights} is outside {' and '.join(f'{f}/' for f in folders)}, the folders the "
+        f"model stages depend on, so DVC would not re-run the stage when the file changes; "
+        f"copy it into {folders[0]}/ (cp {weights} {folders[0]}/, then git add or dvc add it) "
+        f"and set {key}: {folders[0]}/{Path(weights).name}")

@@ -12,9 +12,11 @@ other stages only need their ``data/raw/sample`` prefix changed:
 - ``scannet``: a local, already exported ScanNet (``scannet.path``) is validated and linked or
   copied - its licence forbids redistribution, so there is nothing to download.
 
-``weights`` fetches model files (from :data:`SOURCES` or ``sources``) into ``weights_dir``.
-Transfers are done by :func:`featcache.datasets.archives.fetch` (resumable, checksum-verified, atomic)
-and unpacked by :func:`featcache.datasets.archives.extract` (refuses members escaping the target).
+``weights`` fetches model files (from :data:`SOURCES` or ``sources``) into the top-level
+``weights_dir``, which is always created (a DVC output the model stages depend on).
+Transfers are done by :func:`featcache.datasets.downloads.fetch` (resumable, checksum-verified,
+atomic) and unpacked by :func:`featcache.datasets.archives.extract` (refuses members escaping the
+target).
 """
 
 from __future__ import annotations
@@ -165,7 +167,6 @@ class DownloadParams:
     sa1b: Sa1bParams = field(default_factory=Sa1bParams)
     scannet: ScannetParams = field(default_factory=ScannetParams)
     weights: list[str] = field(default_factory=list)
-    weights_dir: str = "data/weights"
     sources: dict[str, SourceParams] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -255,7 +256,9 @@ def run_download(shared: SharedParams, params: DownloadParams) -> dict[str, Any]
         files = download_sa1b(params, out / "sa1b")
     else:
         files = link_scannet(params.scannet, out / "scannet")
-    weights = [fetch_source(params, name, Path(params.weights_dir)) for name in params.weights]
+    weights_dir = Path(shared.weights_dir)
+    weights_dir.mkdir(parents=True, exist_ok=True)  # declared in dvc.yaml even when empty
+    weights = [fetch_source(params, name, weights_dir) for name in params.weights]
     log.info("download: %s -> %s (%d files), %d weight files", params.dataset, out,
              len(files), len(weights))
     return {"dataset": params.dataset, "out": str(out), "files": len(files),

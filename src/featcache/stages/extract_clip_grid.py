@@ -49,8 +49,7 @@ def plan_clip_grid(shared: SharedParams, params: ClipGridParams) -> GridPlan:
     """
 
     spec = resolve_stage_spec(resolve_openclip_spec, shared.model, stage=STAGE,
-                              weights=shared.weights, weights_key=shared.weights_key,
-                              seed=shared.seed)
+                              shared=shared)
     grid = check_target_grid(spec.grid_size, params.grid, key=f"{STAGE}.grid")
     layout = "chw" if params.layout == "npy" else "tokens"
     return GridPlan(STAGE, spec, grid, layout, save_global=params.save_global,

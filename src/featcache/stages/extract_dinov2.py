@@ -45,8 +45,7 @@ def plan_dinov2(shared: SharedParams, params: Dinov2Params) -> GridPlan:
     """Resolve the DINOv2 spec (no model built); ParamError names ``extract_dinov2.model``."""
 
     spec = resolve_stage_spec(resolve_dinov2_spec, params.model, stage=STAGE,
-                              weights=shared.weights, weights_key=shared.weights_key,
-                              seed=shared.seed, image_size=params.size, key=f"{STAGE}.model")
+                              shared=shared, image_size=params.size, key=f"{STAGE}.model")
     return GridPlan(STAGE, spec, spec.grid_size[0], "chw", load=load_dinov2)
 
 

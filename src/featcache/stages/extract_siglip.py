@@ -342,8 +342,7 @@ def extract_siglip(shared: SharedParams, params: SiglipParams) -> RunResult:
     """
 
     spec = resolve_stage_spec(resolve_openclip_spec, params.model, stage=STAGE,
-                              weights=shared.weights, weights_key=shared.weights_key,
-                              seed=shared.seed, key=f"{STAGE}.model")
+                              shared=shared, key=f"{STAGE}.model")
     device = rank_device(resolve_device(shared.device), init_distributed())
     job = build_siglip_job(params, spec)
     encoder = load_openclip(spec, device)
