@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from encoder_fixtures import real_looking_image, tiny_encoder, tiny_spec
 from PIL import Image
 
-from encoder_fixtures import real_looking_image, tiny_encoder, tiny_spec
 from featcache.datasets.images import ImageDecodeError, load_image, read_jpeg
 from featcache.encoders import Preprocessor, resolve_spec
 from featcache.encoders.device_input import device_model_input
@@ -112,7 +112,7 @@ def test_gpu_decode_takes_the_exact_path_for_anything_but_a_plain_jpeg(tmp_path,
     pre = Preprocessor(clip_spec, "gpu_decode")
     for file in (png, cmyk):   # exact decode and preprocessing, so the exact bits
         assert torch.equal(_input(file, pre), _input(file, Preprocessor(clip_spec)))
-    with pytest.raises(ImageDecodeError):   # the stage's decode_error row
+    with pytest.raises(ImageDecodeError):   # the stage's bad_image row
         prepare_file(truncated, pre, lambda image: image.rgb)
 
 
@@ -167,3 +167,95 @@ def test_jpeg_bytes_read_in_display_orientation(tmp_path):
     assert (got.width, got.height, got.orientation) == (40, 90, 8)
     buf = io.BytesIO(got.data.tobytes())
     assert Image.open(buf).size == (90, 40)
+
+
+# ---------------------------------------------------------------- the stages
+def _stage_folder(root: Path) -> Path:
+    """640x480 JPEGs (one EXIF-rotated), a PNG, a truncated and an undecodable JPEG."""
+    folder = root / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        _jpeg(folder / f"{i + 1:012d}.jpg", real_looking_image(480, 640, seed=i),
+              orientation=6 if i == 2 else 1)
+    Image.fromarray(real_looking_image(200, 260, seed=7)).save(folder / "p.png")
+    (folder / "cut.jpg").write_bytes((folder / "000000000001.jpg").read_bytes()[:3000])
+    data = bytearray((folder / "000000000002.jpg").read_bytes())
+    table = data.find(b"\xff\xc4")
+    data[table + 5:table + 13] = b"\xff" * 8
+    (folder / "000000000009.jpg").write_bytes(bytes(data))
+    return folder
+
+
+def _run_clip(root: Path, out: str, **overrides):
+    from featcache.config import SharedParams, build_dataclass
+    from featcache.encoders import TINY_OPENCLIP
+    from featcache.stages.extract_clip_grid import (
+        STAGE,
+        ClipGridParams,
+        extract_clip_grid,
+    )
+
+    values = {"root": str(root), "out": str(root / out), "num_workers": 0, "batch_size": 2,
+              "splits": [{"name": "val", "images": "imgs"}], "max_failures": 0.9,
+              "dtype": "fp32", **overrides}
+    params = build_dataclass(ClipGridParams, values, STAGE)
+    shared = SharedParams(model=TINY_OPENCLIP, weights="random", device="cpu", seed=0)
+    return extract_clip_grid(shared, params)[0], root / out / "val"
+
+
+def _grids(out: Path) -> dict[str, np.ndarray]:
+    from featcache import open_features
+
+    store = open_features(out)
+    return {k: np.asarray(store[k]) for k in store.keys()}
+
+
+def _provenance(out: Path) -> dict:
+    import json
+
+    import h5py
+
+    with h5py.File(out / "index.h5", "r") as f:
+        return json.loads(f.attrs["provenance"])
+
+
+def test_bad_preprocess_value_names_the_key():
+    from featcache.config import ParamError, build_dataclass
+    from featcache.stages.extract_clip_grid import STAGE, ClipGridParams
+    from featcache.stages.extract_sam2 import STAGE as SAM2
+    from featcache.stages.extract_sam2 import Sam2Params
+
+    with pytest.raises(ParamError, match=r"extract_clip_grid\.preprocess.*'exact', 'fast', "
+                                         r"'gpu_decode'"):
+        build_dataclass(ClipGridParams, {"root": ".", "out": "o", "preprocess": "turbo",
+                                         "splits": [{"name": "v", "images": "i"}]}, STAGE)
+    with pytest.raises(ParamError, match=r"extract_sam2\.preprocess"):
+        build_dataclass(Sam2Params, {"images": ".", "out": "o", "preprocess": "gpu"}, SAM2)
+
+
+def test_stage_paths_provenance_cache_key_and_failures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _stage_folder(tmp_path)
+    _, exact_out = _run_clip(tmp_path, "exact")
+    assert _provenance(exact_out)["preprocess"] == "exact"
+    again, _ = _run_clip(tmp_path, "exact")       # the default is reused as it is
+    assert again.reused == again.items and again.computed == 0
+    fast, fast_out = _run_clip(tmp_path, "exact", preprocess="fast")   # same out: recomputes
+    assert fast.computed == fast.items and fast.reused == 0
+    gpu, gpu_out = _run_clip(tmp_path, "gpu", preprocess="gpu_decode")
+    assert _provenance(fast_out)["preprocess"] == "fast"
+    assert _provenance(gpu_out)["preprocess"] == "gpu_decode"
+    assert "decode_jpeg" in _provenance(gpu_out)["host_path"]
+    fast_grids, gpu_grids = _grids(fast_out), _grids(gpu_out)
+    exact_grids = _grids(_run_clip(tmp_path, "exact2")[1])
+    assert sorted(exact_grids) == ["1", "2", "3", "p"]
+    for key in ("1", "2", "3"):
+        for got in (fast_grids[key], gpu_grids[key]):
+            cos = float(np.dot(got.ravel(), exact_grids[key].ravel()) /
+                        np.linalg.norm(got) / np.linalg.norm(exact_grids[key]))
+            assert cos > 0.99 and not np.array_equal(got, exact_grids[key])
+    assert np.array_equal(gpu_grids["p"], exact_grids["p"])   # a PNG: the exact path
+    rows = (gpu_out.parent / "failures.tsv").read_text().splitlines()
+    assert "val\tcut.jpg\tbad_image" in "\n".join(rows)          # truncated: exact decode
+    assert any(r.startswith("val\t9\tcompute_error\tRuntimeError: JPEG decode on cpu failed") for r in rows)
+    assert sorted(gpu_grids) == ["1", "2", "3", "p"] and gpu.failed == 2
