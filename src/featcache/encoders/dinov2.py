@@ -190,7 +190,7 @@ def locate_dinov2(repo: str) -> Path:
 
     folder = local_weight_dirs(repo)[0]
     how = (f"Put config.json and {_WEIGHT_FILES[0]} (save_pretrained output) in {folder}/ "
-           f"or set weights: /path/to/folder")
+           f"or set weights: checkpoints/<folder> (your own save_pretrained folder)")
     config = W.locate_weights(f"DINOv2 {repo}", [d / "config.json" for d in local_weight_dirs(repo)],
                               cached, download, how)
     return config.parent

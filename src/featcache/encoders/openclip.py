@@ -285,7 +285,8 @@ def locate_openclip(name: str, tag: str, tag_cfg: dict[str, Any]) -> Path:
         return W.hf_download(repo, last)
 
     how = (f"Put {_CHECKPOINT_NAMES[0]} or {_CHECKPOINT_NAMES[2]} in "
-           f"{W.weights_dir() / name / tag}/ or set weights: /path/to/checkpoint")
+           f"{W.weights_dir() / name / tag}/ or set weights: checkpoints/<file> "
+           "(your own checkpoint)")
     return W.locate_weights(f"open_clip {name} (tag {tag})",
                             local_weight_files(name, tag, tag_cfg),
                             cached, download, how)

@@ -171,7 +171,7 @@ def local_weight_files(config: str) -> list[Path]:
 def locate_sam2(config: str) -> Path:
     """The official checkpoint: data/weights, the HF hub cache, then a download."""
     repo, name = hf_repo(config), checkpoint_name(config)
-    how = f"Put {name} in {W.weights_dir()}/ or set weights: /path/to/{name}"
+    how = f"Put {name} in {W.weights_dir()}/ or set weights: checkpoints/{name} (your own copy)"
     return W.locate_weights(f"SAM2 {config} ({name})", local_weight_files(config),
                             lambda: W.hf_cached_file(repo, name),
                             lambda: W.hf_download(repo, name), how)
