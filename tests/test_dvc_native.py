@@ -21,7 +21,7 @@ from featcache.stages.extract_sam2 import Sam2Params
 from featcache.stages.extract_siglip import SiglipParams
 from featcache.stages.sample_point_feats import PointFeatsParams
 from featcache.stages.verify import VerifyParams
-from test_runtime_knobs import committed, sh, status  # noqa: F401  (the fixture)
+from test_runtime_knobs import sh, status
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def changed_paths(report: dict[str, Any], stage: str, kind: str = "changed deps"
             for p in entry.get(kind, {})}
 
 
-def test_verify_and_point_feats_follow_a_stage_out(committed):  # noqa: F811
+def test_verify_and_point_feats_follow_a_stage_out(committed):
     params = committed / "params.yaml"
     with edited(params, set_param("extract_sam2.out", "data/features/sam2_v2")):
         report = status(committed)
@@ -74,7 +74,7 @@ def load_verify(repo: Path):
     return load_stage_params("verify", VerifyParams, repo / "params.yaml")
 
 
-def test_a_path_written_twice_is_refused(committed, tmp_path):  # noqa: F811
+def test_a_path_written_twice_is_refused(committed, tmp_path):
     doc = yaml.safe_load((committed / "params.yaml").read_text())
     doc["sample_point_feats"]["uv_index"] = "data/features/uv_index"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
@@ -83,7 +83,7 @@ def test_a_path_written_twice_is_refused(committed, tmp_path):  # noqa: F811
         load_stage_params("sample_point_feats", PointFeatsParams, tmp_path / "params.yaml")
 
 
-def test_one_data_key_moves_every_stage_to_the_new_data(committed):  # noqa: F811
+def test_one_data_key_moves_every_stage_to_the_new_data(committed):
     new = "data/raw/moved_by_test"
     doc = yaml.safe_load((committed / "params.yaml").read_text())
     for sub in ("coco", "sa1b", "scannet", "images"):
@@ -107,7 +107,7 @@ def test_one_data_key_moves_every_stage_to_the_new_data(committed):  # noqa: F81
     assert status(committed) == {}
 
 
-def test_each_model_stage_has_its_own_weights(committed):  # noqa: F811
+def test_each_model_stage_has_its_own_weights(committed):
     params = committed / "params.yaml"
     doc = yaml.safe_load(params.read_text())
     weights = next(w for w in ("pretrained", "random") if w != doc["extract_sam2"].get("weights"))
@@ -128,7 +128,7 @@ def test_each_model_stage_has_its_own_weights(committed):  # noqa: F811
     ("dinov2.py", {"extract_dinov2"}),
     ("openclip.py", {"extract_clip_grid", "extract_siglip"}),
 ])
-def test_editing_one_family_module_invalidates_only_its_stages(committed, module,  # noqa: F811
+def test_editing_one_family_module_invalidates_only_its_stages(committed, module,
                                                                stages):
     path = committed / "src" / "featcache" / "encoders" / module
     with edited(path, lambda text: text + "\n# an edit\n"):
@@ -144,7 +144,7 @@ def test_editing_one_family_module_invalidates_only_its_stages(committed, module
 MODEL_STAGES = {"extract_clip_grid", "extract_dinov2", "extract_siglip", "extract_sam2"}
 
 
-def test_a_checkpoint_replaced_in_place_reruns_the_model_stages(committed):  # noqa: F811
+def test_a_checkpoint_replaced_in_place_reruns_the_model_stages(committed):
     ckpt = committed / "checkpoints" / "mine.pt"
     params = committed / "params.yaml"
     ckpt.write_bytes(b"first weights")
@@ -163,7 +163,7 @@ def test_a_checkpoint_replaced_in_place_reruns_the_model_stages(committed):  # n
     assert status(committed) == {}
 
 
-def test_fetched_weights_are_downloads_output_and_the_model_stages_input(committed):  # noqa: F811
+def test_fetched_weights_are_downloads_output_and_the_model_stages_input(committed):
     stages = yaml.safe_load((committed / "dvc.yaml").read_text())["stages"]
     assert "${weights_dir}" in stages["download"]["outs"]
     fetched = committed / "data" / "weights" / "sam2.1_hiera_tiny.pt"

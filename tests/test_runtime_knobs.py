@@ -157,10 +157,10 @@ def placeholder_outputs(repo: Path) -> None:
                 (repo / section[key]).write_text("{}" if key != "outputs" else "[]")
 
 
-@pytest.fixture(scope="module")
-def committed(tmp_path_factory) -> Path:
+def build_committed(tmp_path_factory) -> Path:
     """dvc.yaml, params.yaml and the code in a git+DVC repo, every stage recorded in dvc.lock
-    with placeholder outputs (`dvc commit`), so `dvc status` is clean and nothing heavy runs."""
+    with placeholder outputs (`dvc commit`), so `dvc status` is clean and nothing heavy runs
+    (the session fixture ``committed`` of conftest.py)."""
     repo = tmp_path_factory.mktemp("knobs") / "repo"
     repo.mkdir()
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
