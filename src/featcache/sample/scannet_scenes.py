@@ -192,11 +192,3 @@ def _write_ply(path: Path, room: Room, palette: np.ndarray, rng: np.random.Gener
     path.write_bytes(header.encode("ascii") + vertices.tobytes())
     return len(points)
 
-
-def read_ply_points(path: Path) -> np.ndarray:
-    """Vertices of a PLY written by this module as a structured array of :data:`PLY_DTYPE`."""
-    data = path.read_bytes()
-    end = data.index(b"end_header\n") + len(b"end_header\n")
-    count = next(int(line.split()[2]) for line in data[:end].decode("ascii").splitlines()
-                 if line.startswith("element vertex"))
-    return np.frombuffer(data, PLY_DTYPE, count=count, offset=end)

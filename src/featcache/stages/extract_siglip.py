@@ -302,11 +302,6 @@ def siglip_provenance(params: SiglipParams, encoder: Encoder) -> SiglipProvenanc
                                             params.precision))
 
 
-def method_params(params: SiglipParams) -> dict[str, Any]:
-    """The params that change the result (engine knobs removed)."""
-    return params.method_params()
-
-
 def failed_images(failures: list[Failure]) -> int:
     """Distinct images with at least one failure (segment items start with the image key)."""
     return len({f.item.split("_", 1)[0] for f in failures})
@@ -350,7 +345,8 @@ def extract_siglip(shared: SharedParams, params: SiglipParams) -> RunResult:
                             precision=params.precision, dtype="fp16")
     # where the split lives and where the output goes choose the items, not their rows: the
     # items' content signatures stand for them, so a moved dataset reuses its shards
-    method = {k: v for k, v in method_params(params).items() if k not in ("coco", "split", "out")}
+    method = {k: v for k, v in params.method_params().items()
+              if k not in ("coco", "split", "out")}
     fingerprint = {"params": method, "spec": spec.to_dict(), "weights_id": encoder.weights_id}
     result = run_siglip(job, compute, params, siglip_provenance(params, encoder).to_dict(),
                         fingerprint)
