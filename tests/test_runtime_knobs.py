@@ -155,6 +155,7 @@ def placeholder_outputs(repo: Path) -> None:
             if key in section:
                 (repo / section[key]).parent.mkdir(parents=True, exist_ok=True)
                 (repo / section[key]).write_text("{}" if key != "outputs" else "[]")
+    (repo / params["weights_dir"]).mkdir(parents=True, exist_ok=True)  # download makes it
 
 
 def build_committed(tmp_path_factory) -> Path:
@@ -165,7 +166,7 @@ def build_committed(tmp_path_factory) -> Path:
     repo.mkdir()
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy2(ROOT / name, repo / name)
-    for name in ("stages", "src"):
+    for name in ("stages", "src", "checkpoints"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     sh(["git", "init", "-q"], repo)
     sh(["dvc", "init", "-q"], repo)
