@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from featcache.engine.atomic import temp_prefix
-from featcache.engine.shards import INDEX_NAME, SHARDS_DIR
+from featcache.engine.shards import INDEX_NAME, SHARDS_DIR, ShardReader
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +107,16 @@ def link_or_copy(src: Path, dest: Path) -> None:
         log.info("cannot hard-link %s (another filesystem?); copying it", src)
         shutil.copyfile(src, tmp)
     os.replace(tmp, dest)
+
+
+def earlier_members(paths: list[Path]) -> dict[str, tuple[Path, int]]:
+    """``member identity -> (shard file, member index)`` over earlier shard files."""
+    found: dict[str, tuple[Path, int]] = {}
+    for path in paths:
+        try:
+            with ShardReader(path) as r:
+                for m, mid in enumerate(r.member_ids()):
+                    found.setdefault(mid, (path, m))
+        except (OSError, KeyError) as e:
+            log.warning("ignoring unreadable earlier shard %s: %s", path, e)
+    return found

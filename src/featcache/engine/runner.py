@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,8 @@ from featcache.engine.atomic import (
 from featcache.engine.code import code_identity
 from featcache.engine.distributed import DistContext, init_distributed
 from featcache.engine.loading import item_signatures, load_items, make_batch
-from featcache.engine.reuse import link_or_copy, previous_shards
+from featcache.engine.reuse import earlier_members, link_or_copy, previous_shards
+from featcache.engine.rows import LazyRow, RowSpill, fixed_mmap_threshold
 from featcache.engine.scratch import SCRATCH_ROOT, fingerprint_of, safe_name
 from featcache.engine.shards import (
     SHARDS_DIR,
@@ -86,39 +88,46 @@ class _Planned:
 
 
 class _ShardBuilder:
-    """Collects one shard's computed rows; hands the whole shard to the writer thread."""
+    """Collects one shard's computed rows (beyond :data:`~featcache.engine.rows.SPILL_BYTES`
+    in a spill file, so memory does not grow with the shard); hands the whole shard to the
+    writer thread."""
 
-    def __init__(self, planned: _Planned) -> None:
+    def __init__(self, planned: _Planned, scratch: Path, dtype: str | None) -> None:
         self.planned = planned
-        self.records: list[tuple[int, str, dict[str, np.ndarray]]] = []
+        self.records: list[tuple[int, str, dict[str, Any]]] = []
         self.failures: list[tuple[int, Failure]] = []
+        self.spill = RowSpill(scratch, dtype)
+
+    def add(self, member: int, key: str, fields: dict[str, Any]) -> None:
+        self.records.append((member, key, self.spill.keep(fields)))
 
 
-def _gather(planned: _Planned, built: _ShardBuilder, dtype: str | None) -> ShardContent:
-    """The shard's content in member order: earlier rows read back, computed rows cast to the
-    storage dtype."""
+def _storage(value: Any, dtype: str | None) -> Any:
+    return value if isinstance(value, LazyRow) else cast(value, dtype)   # spilled: cast already
+
+
+def _gather(planned: _Planned, built: _ShardBuilder, dtype: str | None,
+            readers: dict[Path, ShardReader]) -> ShardContent:
+    """The shard's content in member order: earlier rows as references into their shard files
+    (opened into ``readers``, read when written), computed rows cast to the storage dtype."""
     records, failures = [], []
     computed: dict[int, list] = {}
     for m, key, fields in built.records:
-        computed.setdefault(m, []).append((key, {n: cast(v, dtype) for n, v in fields.items()}))
+        computed.setdefault(m, []).append((key, {n: _storage(v, dtype)
+                                                 for n, v in fields.items()}))
     failed: dict[int, list[Failure]] = {}
     for m, f in built.failures:
         failed.setdefault(m, []).append(f)
-    readers: dict[Path, ShardReader] = {}
-    try:
-        for m in range(len(planned.members)):
-            if m in planned.found:
-                path, old = planned.found[m]
-                reader = readers.get(path) or readers.setdefault(path, ShardReader(path))
-                rows = list(reader.records_of(old))
-                fails = reader.failures_of(old)
-            else:
-                rows, fails = computed.get(m, []), failed.get(m, [])
-            records += [(m, k, f) for k, f in rows]
-            failures += [(m, f) for f in fails]
-    finally:
-        for r in readers.values():
-            r.close()
+    for m in range(len(planned.members)):
+        if m in planned.found:
+            path, old = planned.found[m]
+            reader = readers.get(path) or readers.setdefault(path, ShardReader(path))
+            rows = list(reader.lazy_records_of(old))
+            fails = reader.failures_of(old)
+        else:
+            rows, fails = computed.get(m, []), failed.get(m, [])
+        records += [(m, k, f) for k, f in rows]
+        failures += [(m, f) for f in fails]
     return ShardContent(planned.members, planned.member_ids, records, failures)
 
 
@@ -144,8 +153,7 @@ def _compute_into(compute: Compute, taken: list[tuple[int, Piece]], built: _Shar
             _compute_into(compute, [one], built, pad_to)
         return
     for i, (m, p) in enumerate(taken):
-        built.records.append((m, p.key, {k: np.asarray(v[i]) for k, v in out.items()
-                                         if v[i] is not None}))
+        built.add(m, p.key, {k: np.asarray(v[i]) for k, v in out.items() if v[i] is not None})
 
 
 @contextlib.contextmanager
@@ -173,34 +181,48 @@ def _compute_shards(job: Job, compute: Compute | None, todo: list[_Planned], scr
                     ) -> None:
     work = [(i, m, p.members[m]) for i, p in enumerate(todo)
             for m in range(len(p.members)) if m not in p.found]
-    remaining = {i: sum(1 for w in work if w[0] == i) for i in range(len(todo))}
+    counts = Counter(i for i, _, _ in work)
+    remaining = {i: counts[i] for i in range(len(todo))}
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
     pending: list[Future] = []
     compression = h5_compression(options)
 
     def finish(i: int, built: _ShardBuilder) -> None:
-        content = _gather(todo[i], built, options.dtype)
-        written[todo[i].name] = ([k for _, k, _ in content.records],
-                                 [f for _, f in content.failures])
+        readers: dict[Path, ShardReader] = {}
         try:
+            content = _gather(todo[i], built, options.dtype, readers)
+            written[todo[i].name] = ([k for _, k, _ in content.records],
+                                     [f for _, f in content.failures])
             result.bytes_written += write_shard(scratch / todo[i].name, content, compression)
         except OSError as e:   # disk full: the stage's one line names the shard
             raise with_path(e, scratch / todo[i].name) from None
+        finally:
+            built.spill.close()
+            for r in readers.values():
+                r.close()
 
-    builders = {i: _ShardBuilder(todo[i]) for i in range(len(todo))}
+    builders: dict[int, _ShardBuilder] = {}
+
+    def builder(i: int) -> _ShardBuilder:
+        if i not in builders:
+            builders[i] = _ShardBuilder(todo[i], scratch, options.dtype)
+        return builders[i]
     queue: list[tuple[int, Piece]] = []
 
     def run_batch(shard: int, n: int) -> None:
         taken, queue[:] = queue[:n], queue[n:]
         t, c = time.perf_counter(), time.thread_time()
-        _compute_into(compute, taken, builders[shard], params.batch_size)
+        _compute_into(compute, taken, builder(shard), params.batch_size)
         result.compute_s += time.perf_counter() - t
         result.compute_cpu_s += time.thread_time() - c
 
     def close(shard: int) -> None:
         while queue:
             run_batch(shard, min(len(queue), params.batch_size))
-        pending.append(writer.submit(finish, shard, builders.pop(shard)))
+        while len(pending) > 1:   # one shard written, one waiting: no backlog of shards
+            pending.pop(0).result()
+        pending.append(writer.submit(finish, shard, builder(shard)))
+        builders.pop(shard)
 
     for i in [i for i, n in remaining.items() if n == 0]:   # everything found earlier
         close(i)
@@ -208,12 +230,12 @@ def _compute_shards(job: Job, compute: Compute | None, todo: list[_Planned], scr
         loaded_items = load_items(job, work, params.num_workers, min(8, params.batch_size))
         for shard, member, loaded in tqdm(loaded_items, total=len(work), desc=label,
                                           unit="item", mininterval=2.0):
-            built = builders[shard]
+            built = builder(shard)
             for r in loaded:
                 if isinstance(r, Failure):
                     built.failures.append((member, r))
                 elif compute is None:
-                    built.records.append((member, r.key, r.arrays))
+                    built.add(member, r.key, r.arrays)
                 else:
                     queue.append((member, r))
             result.computed += 1
@@ -247,19 +269,6 @@ def _owned(n_shards: int, ctx: DistContext, part: tuple[int, int] | None) -> lis
     return [i for i in range(n_shards) if i % n == k and (i // n) % ctx.world == ctx.rank]
 
 
-def _earlier_members(paths: list[Path]) -> dict[str, tuple[Path, int]]:
-    """``member identity -> (shard file, member index)`` over earlier shard files."""
-    found: dict[str, tuple[Path, int]] = {}
-    for path in paths:
-        try:
-            with ShardReader(path) as r:
-                for m, mid in enumerate(r.member_ids()):
-                    found.setdefault(mid, (path, m))
-        except (OSError, KeyError) as e:
-            log.warning("ignoring unreadable earlier shard %s: %s", path, e)
-    return found
-
-
 def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path,
             writer: str = "shards", writer_options: WriterOptions = WriterOptions(),
             provenance: dict[str, Any], fingerprint: dict[str, Any], params: EngineParams,
@@ -279,6 +288,7 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path,
     t0 = time.perf_counter()
     out = Path(out)
     view_writer = get_view(writer)   # an unknown layout fails before any work
+    fixed_mmap_threshold()   # memory that does not grow with the run (featcache.engine.rows)
     part = shard_range()
     ctx: DistContext = init_distributed()
     items = job.items()
@@ -308,7 +318,7 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path,
         else:
             todo.append(p)
     if todo:
-        by_id = _earlier_members([path for name, path in sorted(earlier.items())])
+        by_id = earlier_members([path for name, path in sorted(earlier.items())])
         for p in todo:
             p.found = {m: by_id[mid] for m, mid in enumerate(p.member_ids) if mid in by_id}
             result.reused += len(p.found)

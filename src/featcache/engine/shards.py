@@ -43,6 +43,8 @@ import h5py
 import numpy as np
 
 from featcache.engine.atomic import temp_name
+from featcache.engine import rows as _rows
+from featcache.engine.rows import LazyRow, StoredRow, materialize
 from featcache.engine.types import Failure
 
 FORMAT = "featcache-shard-1"
@@ -163,9 +165,10 @@ def _chunks(rows: int, row_shape: tuple[int, ...], itemsize: int) -> tuple[int, 
     return (max(1, min(rows, 4096, ROW_CHUNK_BYTES // row_bytes)), *row_shape)
 
 
-def _write_field(f: h5py.File, name: str, values: list[np.ndarray | None],
+def _write_field(f: h5py.File, name: str, values: list[np.ndarray | LazyRow | None],
                  compression: Mapping[str, Any]) -> int:
-    arrays = [None if v is None else np.asarray(v) for v in values]
+    arrays = [None if v is None else v if isinstance(v, LazyRow) else np.asarray(v)
+              for v in values]
     present = [a for a in arrays if a is not None]
     first = present[0]
     if _is_text(first):
@@ -176,14 +179,9 @@ def _write_field(f: h5py.File, name: str, values: list[np.ndarray | None],
     dense = len(present) == len(arrays) and all(a.shape == first.shape and
                                                 a.dtype == first.dtype for a in present)
     if dense:
-        data = np.stack(arrays) if arrays else np.zeros((0, *first.shape), first.dtype)
-        # contiguous unless compressed: a row is then one read at a known offset (and the
-        # HDF5 view's virtual datasets read it fastest)
-        kwargs = dict(compression) if data.ndim > 1 and data.size else {}
-        f.create_dataset(name, data=data, track_times=False,
-                         chunks=_chunks(len(data), first.shape, first.itemsize) if kwargs else None,
-                         **kwargs)
-        return data.nbytes
+        return _write_dense(f, name, arrays, first, compression)
+    arrays = [None if a is None else np.asarray(materialize(a)) for a in arrays]
+    present = [a for a in arrays if a is not None]
     dtype = np.result_type(*present)
     ndim = max(a.ndim for a in present)
     shapes = np.full((len(arrays), ndim), -1, np.int64)
@@ -201,6 +199,30 @@ def _write_field(f: h5py.File, name: str, values: list[np.ndarray | None],
     g.create_dataset("offsets", data=offsets, track_times=False)
     g.create_dataset("shapes", data=shapes, track_times=False)
     return flat.nbytes
+
+
+def _write_dense(f: h5py.File, name: str, arrays: list, first: np.ndarray | LazyRow,
+                 compression: Mapping[str, Any]) -> int:
+    """One dataset ``(n, *row shape)``, written ``BLOCK_BYTES`` of rows at a time (whole
+    chunks when compressed; :mod:`featcache.engine.rows`): memory holds one block, never the
+    whole field; the file's bytes are those of writing it at once."""
+    shape, dtype = (len(arrays), *first.shape), np.dtype(first.dtype)
+    size = int(np.prod(shape, dtype=np.int64))
+    # contiguous unless compressed: a row is then one read at a known offset (and the
+    # HDF5 view's virtual datasets read it fastest)
+    kwargs = dict(compression) if len(shape) > 1 and size else {}
+    chunks = _chunks(len(arrays), first.shape, dtype.itemsize) if kwargs else None
+    ds = f.create_dataset(name, shape=shape, dtype=dtype, track_times=False, chunks=chunks,
+                          **kwargs)
+    if not size:
+        return 0
+    step = max(1, _rows.BLOCK_BYTES // max(1, size // len(arrays) * dtype.itemsize))
+    if chunks:
+        step = max(1, step // chunks[0]) * chunks[0]
+    for lo in range(0, len(arrays), step):
+        block = np.stack([materialize(a) for a in arrays[lo:lo + step]])
+        ds[lo:lo + len(block)] = block
+    return size * dtype.itemsize
 
 
 def _strings(ds: h5py.Dataset) -> list[str]:
@@ -298,6 +320,20 @@ class ShardReader:
         keys = self.keys()
         for row in np.flatnonzero(self.member_of_rows() == member):
             yield keys[row], self.record(int(row))
+
+    def lazy_records_of(self, member: int) -> Iterator[Record]:
+        """:meth:`records_of` with each dense numeric field as a :class:`StoredRow`, read
+        only when used (while this reader is open)."""
+        keys = self.keys()
+        for row in np.flatnonzero(self.member_of_rows() == member):
+            fields: dict[str, Any] = {}
+            for name in self.fields():
+                obj = self.file[name]
+                if isinstance(obj, h5py.Dataset) and not obj.attrs.get("text", False):
+                    fields[name] = StoredRow(obj, int(row))
+                elif (value := self.read(name, int(row))) is not None:
+                    fields[name] = value
+            yield keys[row], fields
 
 
 def write_index(out: Path, shards: Sequence[tuple[str, list[str]]],
