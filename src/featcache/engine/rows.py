@@ -8,19 +8,10 @@ rows in memory and appends the rest to an unlinked temporary file in the scratch
 (:class:`RowSpill`); rows of an earlier shard are read when written, not before
 (:class:`StoredRow`); and a dense field is written :data:`BLOCK_BYTES` of rows at a time. The
 shard file's bytes are the same either way.
-
-glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MB), after
-which batch-sized arrays come from the heap, whose freed holes between live rows it keeps: RSS
-then grew with the run even with the rows bounded (measured: +140 MB from 60 to 240 images).
-:func:`fixed_mmap_threshold` pins the threshold at :data:`MMAP_THRESHOLD`, so a freed batch
-goes back to the system.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import os
 import tempfile
 from pathlib import Path
@@ -33,22 +24,6 @@ from featcache.engine.writers import cast
 SPILL_BYTES = 8 << 20       # rows of a shard being built kept in memory; the rest go to a file
 BLOCK_BYTES = 8 << 20       # rows stacked per write of a dense field
 MIN_SPILL_BYTES = 1024      # smaller arrays stay in memory (a reference would cost as much)
-MMAP_THRESHOLD = 1 << 20    # allocations from this size are mapped (returned when freed)
-_M_MMAP_THRESHOLD = -3      # glibc's mallopt parameter
-
-
-@functools.cache
-def fixed_mmap_threshold() -> bool:
-    """Pin glibc's mmap threshold at :data:`MMAP_THRESHOLD` for this process (and the
-    DataLoader workers it forks); see the module doc. False where the C library is not glibc
-    or ``MALLOC_MMAP_THRESHOLD_`` already sets it."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
 
 
 class LazyRow:
@@ -61,6 +36,10 @@ class LazyRow:
 
     def load(self) -> np.ndarray:
         raise NotImplementedError
+
+    def load_into(self, out: np.ndarray) -> None:
+        """Read the row into ``out`` (of its shape and dtype): no new buffer per row."""
+        out[...] = self.load()
 
 
 class SpilledRow(LazyRow):
@@ -79,6 +58,15 @@ class SpilledRow(LazyRow):
             raise OSError(f"spilled row at {self.offset}: read {len(data)} of {size} bytes")
         return np.frombuffer(data, self.dtype).reshape(self.shape)
 
+    def load_into(self, out: np.ndarray) -> None:
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], self.offset + done)
+            if not got:
+                raise OSError(f"spilled row at {self.offset}: read {done} of {len(view)} bytes")
+            done += got
+
 
 class StoredRow(LazyRow):
     """Row ``row`` of a dense dataset of an open (earlier) shard file."""
@@ -91,6 +79,9 @@ class StoredRow(LazyRow):
 
     def load(self) -> np.ndarray:
         return np.asarray(self.dataset[self.row])
+
+    def load_into(self, out: np.ndarray) -> None:
+        self.dataset.read_direct(out, np.s_[self.row])
 
 
 def materialize(value: Any) -> Any:

@@ -47,7 +47,7 @@ from featcache.engine.code import code_identity
 from featcache.engine.distributed import DistContext, init_distributed
 from featcache.engine.loading import item_signatures, load_items, make_batch
 from featcache.engine.reuse import earlier_members, link_or_copy, previous_shards
-from featcache.engine.rows import LazyRow, RowSpill, fixed_mmap_threshold
+from featcache.engine.rows import LazyRow, RowSpill
 from featcache.engine.scratch import SCRATCH_ROOT, fingerprint_of, safe_name
 from featcache.engine.shards import (
     SHARDS_DIR,
@@ -288,7 +288,6 @@ def run_job(job: Job, compute: Compute | None, *, stage: str, out: str | Path,
     t0 = time.perf_counter()
     out = Path(out)
     view_writer = get_view(writer)   # an unknown layout fails before any work
-    fixed_mmap_threshold()   # memory that does not grow with the run (featcache.engine.rows)
     part = shard_range()
     ctx: DistContext = init_distributed()
     items = job.items()

@@ -219,9 +219,15 @@ def _write_dense(f: h5py.File, name: str, arrays: list, first: np.ndarray | Lazy
     step = max(1, _rows.BLOCK_BYTES // max(1, size // len(arrays) * dtype.itemsize))
     if chunks:
         step = max(1, step // chunks[0]) * chunks[0]
+    block = np.empty((min(step, len(arrays)), *first.shape), dtype)   # one buffer, reused
     for lo in range(0, len(arrays), step):
-        block = np.stack([materialize(a) for a in arrays[lo:lo + step]])
-        ds[lo:lo + len(block)] = block
+        part = block[:len(arrays[lo:lo + step])]
+        for j, a in enumerate(arrays[lo:lo + step]):
+            if isinstance(a, LazyRow):
+                a.load_into(part[j, ...])
+            else:
+                part[j, ...] = a
+        ds[lo:lo + len(part)] = part
     return size * dtype.itemsize
 
 
