@@ -52,11 +52,9 @@ class SpilledRow(LazyRow):
         self.fd, self.offset = fd, offset
 
     def load(self) -> np.ndarray:
-        size = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        data = os.pread(self.fd, size, self.offset)
-        if len(data) != size:
-            raise OSError(f"spilled row at {self.offset}: read {len(data)} of {size} bytes")
-        return np.frombuffer(data, self.dtype).reshape(self.shape)
+        out = np.empty(self.shape, self.dtype)
+        self.load_into(out)
+        return out
 
     def load_into(self, out: np.ndarray) -> None:
         view = memoryview(out.reshape(-1).view(np.uint8))
