@@ -8,6 +8,13 @@ memory runs at 1x and 4x, the model-bound check, bench_io) and writes
 A figure with a target is ``{"value", "unit", "target", "better", "baseline"}``; ``before``
 (with ``--before <checkout of the older commit>``) is the same figure measured from that
 checkout's featcache in the same run, interleaved with the current runs.
+
+Marginal and fixed main-process CPU: each stage also runs bench_host at 4x its items (for
+extract_clip_grid that is the 4x memory run); with ``M(k)`` the main CPU of a run of ``k`` items,
+``cpu_ms_main_marginal = (M(4n) - M(n)) / (4n - n)`` per item and ``fixed_ms_main = M(n) - n *
+marginal`` per run (worker start, planning, index, metrics), so ``cpu_ms_main`` at n is
+``marginal + fixed / n``. The same for the host part (less ``cpu_ms_main_device``). They carry
+the per-item target as ``compare`` (for comparison only: the targets stay on the figures at n).
 """
 
 from __future__ import annotations
@@ -91,6 +98,24 @@ def _host(run: dict) -> float:
     return run["cpu_ms_main"] - run.get("cpu_ms_main_device", 0.0)
 
 
+def marginal_figures(stage: str, small: dict, large: dict) -> dict:
+    """Per-item main CPU of the extra items from ``small`` (n) to ``large`` (4n), and the fixed
+    cost per run that remains; the same for the host part (main less device-side work)."""
+    unit = UNIT.get(stage, "ms/image")
+    n, big = small["items"], large["items"]
+    out: dict = {"marginal_items": [n, big]}
+    for name, per_item in (("main", lambda r: r["cpu_ms_main"]), ("main_host", _host)):
+        total_n, total_big = per_item(small) * n, per_item(large) * big
+        m = (total_big - total_n) / (big - n)
+        out[f"cpu_ms_{name}_marginal"] = {
+            "value": round(m, 3), "unit": unit, "compare": MAIN_TARGET[stage],
+            "note": f"(main CPU at {big} - at {n} items) / {big - n}; 'compare' is the "
+                    f"per-item target of cpu_ms_{name}, for comparison only"}
+        out[f"fixed_ms_{name}"] = {"value": round(total_n - n * m, 1), "unit": "ms/run",
+                                   "note": f"main CPU of the {n}-item run less {n} x marginal"}
+    return out
+
+
 def best(runs: list[dict]) -> dict:
     """The run with the lowest total CPU (the least disturbed by the rest of the machine)."""
     return min(runs, key=lambda r: r["cpu_ms_all"])
@@ -113,6 +138,7 @@ def main() -> None:
     repeats = 1 if args.quick else 2
     res: dict = {"machine": machine(), "mode": "quick" if args.quick else "full",
                  "host": {}, "notes": []}
+    at_n: dict[str, dict] = {}   # the run at n each stage's figures come from
     fast_ok = _has_fast_path()
     for stage, sizes in SIZES.items():
         n = sizes[q]
@@ -126,10 +152,19 @@ def main() -> None:
         fast = best([sub(common + ["--preprocess", "fast"])]) \
             if fast_ok and stage in FAST_STAGES else None
         before = best(befores) if befores else None
-        res["host"][stage] = host_figures(stage, best(runs), before, fast)
+        at_n[stage] = best(runs)
+        res["host"][stage] = host_figures(stage, at_n[stage], before, fast)
+        if stage != "clip_grid" and not args.quick:   # clip_grid's: the 4x memory run
+            large = sub(["bench_host.py", "--stage", stage, "--items", str(4 * n),
+                         "--naive-items", "4", "--phase-items", "4"])
+            res["host"][stage].update(marginal_figures(stage, at_n[stage], large))
     n = SIZES["clip_grid"][q]
     mem = {k: sub(["bench_host.py", "--stage", "clip_grid", "--items", str(k * n),
                    "--naive-items", "4", "--phase-items", "4"]) for k in (1, 4)}
+    res["host"]["clip_grid"].update(marginal_figures("clip_grid", at_n["clip_grid"], mem[4]))
+    if args.quick:
+        res["notes"].append("quick: marginal and fixed main CPU for clip_grid only (from its "
+                            "memory runs); make bench runs the other stages at 4x too")
     res["memory"] = {
         f"peak_rss_{k}x_mb": {"main": round(m["peak_rss_main_mb"], 1),
                               "worker": round(m["peak_rss_worker_mb"], 1), "items": m["items"]}
@@ -140,8 +175,15 @@ def main() -> None:
     res["model_bound"] = sub(["bench_model.py", *(["--images", "16", "--batch-size", "8"]
                                                   if args.quick else ["--images", "96"])])
     mb = res["model_bound"]
-    mb["ratio"] = fig(mb["stage_img_s"] / mb["forward_img_s"], "x", 0.95, "higher", 1.0,
-                      note=f"{mb['images']} images, batch {mb['batch_size']}, 1 thread")
+    mb["ratio"] = fig(mb["ratio_items"], "x", 0.95, "higher", 1.0,
+                      note=f"items/s: {mb['images']} images, batch {mb['batch_size']}, 1 thread")
+    mb["rows_ratio"] = fig(mb["ratio_rows"], "x", None, "higher", 1.0,
+                           note=f"rows/s: {mb['stage_rows']} rows (items + padding of each "
+                                f"shard's last batch) over the forward's rows/s")
+    mb["padding"] = fig(mb["padding_share"], "x", None, "lower", None,
+                        note=f"padded rows / rows; at scale "
+                             f"~{mb['padding_share_at_scale_est']:.4f} (estimate: (b-1)/2 per "
+                             f"shard of {mb['target_items']} items)")
     res["preprocess"] = sub(["bench_preprocess.py", *(["--images", "12", "--feature-images",
                              "2", "--sam2-images", "1"] if args.quick else [])])
     res["io"] = sub(["bench_io.py", "--items", "500" if args.quick else "2000",
@@ -173,7 +215,10 @@ def machine() -> dict:
 
 def _cell(f: dict) -> list[str]:
     met = "" if f.get("target") is None else (" ✅" if f["met"] else " ❌")
-    return [f"{f['value']}{met}", "" if f.get("target") is None else str(f["target"]),
+    target = "" if f.get("target") is None else str(f["target"])
+    if f.get("compare") is not None:   # another figure's target, shown for comparison only
+        target = f"({f['compare']}, compare only)"
+    return [f"{f['value']}{met}", target,
             "" if f.get("baseline") is None else str(f["baseline"]),
             "" if f.get("before") is None else str(f["before"]), f["unit"]]
 
@@ -185,22 +230,25 @@ def markdown(res: dict) -> str:
              "| figure | value | target | baseline | before | unit |",
              "| --- | --- | --- | --- | --- | --- |"]
     for stage, h in res["host"].items():
-        for key in ("cpu_ms_all", "cpu_ms_main", "cpu_ms_main_host", "feed_16_cores", "feed_one_main",
-                    "fast_cpu_ms_all", "fast_cpu_ms_main"):
+        for key in ("cpu_ms_all", "cpu_ms_main", "cpu_ms_main_marginal", "fixed_ms_main",
+                    "cpu_ms_main_host", "cpu_ms_main_host_marginal", "fixed_ms_main_host",
+                    "feed_16_cores", "feed_one_main", "fast_cpu_ms_all", "fast_cpu_ms_main"):
             if key in h:
                 lines.append("| " + " | ".join([f"{stage} {key}", *_cell(h[key])]) + " |")
     lines.append("| " + " | ".join(["memory main_growth_4x",
                                      *_cell(res["memory"]["main_growth_4x"])]) + " |")
     lines.append("| " + " | ".join(["preprocess fast host (640x480)",
                                      *_cell(res["preprocess"]["fast_host_ms"])]) + " |")
-    lines.append("| " + " | ".join(["model_bound stage/forward",
-                                     *_cell(res["model_bound"]["ratio"])]) + " |")
     mb = res["model_bound"]
-    lines += ["", f"Model-bound check (ViT-B-16, random weights, {mb['images']} images, batch "
-              f"{mb['batch_size']}, 1 thread, 2 workers): the stage {mb['stage_img_s']:.2f} "
-              f"img/s, the pure forward {mb['forward_img_s']:.2f} img/s (runs before/after "
-              f"the stage: {', '.join(f'{r:.2f}' for r in mb['forward_img_s_runs'])}); the "
-              f"model was busy {100 * mb['stage_model_share']:.0f}% of the stage's wall."]
+    for label, key in (("model_bound stage/forward (items)", "ratio"),
+                       ("model_bound stage/forward (rows)", "rows_ratio"),
+                       ("model_bound padding share", "padding")):
+        lines.append("| " + " | ".join([label, *_cell(mb[key])]) + " |")
+    runs = ", ".join(f"{r:.2f}" for r in mb["forward_img_s_runs"])
+    lines += ["", (f"Model-bound check (ViT-B-16, random weights, {mb['images']} images, batch "
+                   f"{mb['batch_size']}, 1 thread, 2 workers): {mb['summary']} Pure forward "
+                   f"runs before/after the stage: {runs} rows/s; the model was busy "
+                   f"{100 * mb['stage_model_share']:.0f}% of the stage's wall.")]
     lines += ["", "| phase (ms per item) | " + " | ".join(res["host"]) + " |",
               "| --- |" + " --- |" * len(res["host"])]
     for ph in ("decode", "preprocess", "transfer", "write"):
@@ -223,6 +271,8 @@ def markdown(res: dict) -> str:
     lines += ["", f"Peak RSS main/worker: 1x {mem['peak_rss_1x_mb']['main']}/"
               f"{mem['peak_rss_1x_mb']['worker']} MB, 4x {mem['peak_rss_4x_mb']['main']}/"
               f"{mem['peak_rss_4x_mb']['worker']} MB."]
+    if res["notes"]:
+        lines += [""] + [f"Note: {note}" for note in res["notes"]]
     return "\n".join(lines) + "\n"
 
 
