@@ -46,8 +46,6 @@ from featcache.config import ParamError, SharedParams, require
 from featcache.datasets.frames import frame_number
 from featcache.datasets.images import (
     IMAGE_EXTENSIONS,
-    DecodedImage,
-    ImageDecodeError,
     composite_alpha,
     list_images,
     survey_folder,
@@ -56,6 +54,7 @@ from featcache.encoders import Preprocessor, load_encoder, resolve_device
 from featcache.encoders.device_input import batch_model_input
 from featcache.encoders.preprocess import (
     PREPROCESS_DESCRIPTIONS,
+    FileInput,
     PreprocessPath,
     prepare_file,
 )
@@ -64,7 +63,6 @@ from featcache.engine.atomic import write_text
 from featcache.engine.distributed import init_distributed, rank_device
 from featcache.engine.inference import autocast_for, resolve_precision, to_storage
 from featcache.engine.types import Failure, ModelParams, Piece, Precision, RunResult
-from featcache.failures import FailureCode
 from featcache.provenance import GridProvenance, encoder_facts, library_versions
 from featcache.stages._grid_geometry import ArrayLayout, alpha_grid, arrange_grid
 from featcache.stages._image_folder import ImageFolderJob, index_folder
@@ -152,7 +150,7 @@ def list_splits(params: GridParams, stage: str) -> dict[str, tuple[Path, list[Pa
 
 
 @dataclass(frozen=True)
-class GridJob(ImageFolderJob):
+class GridJob(ImageFolderJob[FileInput]):
     """Engine job of one split: one item per image file name in ``folder``, one piece each.
 
     Decoding, alpha compositing, preprocessing and the alpha mask run in DataLoader workers.
@@ -167,27 +165,20 @@ class GridJob(ImageFolderJob):
     def signature_extra(self, item: str) -> str:
         return self.keys[item]
 
-    def load_item(self, item: str) -> list[Piece | Failure]:   # fast paths: arrays, no tensor
-        if self.preprocessor.path == "exact":
-            return super().load_item(item)
-        try:
-            got = prepare_file(self.folder / item, self.preprocessor, lambda image:
-                               composite_alpha(image.rgb, image.alpha, self.background))
-        except ImageDecodeError as e:
-            return [Failure(item, FailureCode.BAD_IMAGE, e.reason)]
-        image, arrays = got.image, dict(got.arrays)
+    def decode(self, item: str) -> FileInput:
+        """The file along the preprocessor's path (:func:`prepare_file`), composited over
+        ``background``: the exact path's tensor, or the device paths' arrays and no tensor."""
+        return prepare_file(self.folder / item, self.preprocessor, lambda image:
+                            composite_alpha(image.rgb, image.alpha, self.background))
+
+    def prepare(self, item: str, decoded: FileInput) -> list[Piece | Failure]:
+        """One piece: the model input, plus ``mask`` for an image with alpha (when the job
+        produces masks and the host decoded the image)."""
+        image, arrays = decoded.image, dict(decoded.arrays)
         if self.mask_target is not None and image is not None and image.alpha is not None:
             arrays["mask"] = alpha_grid(image.alpha, image.rgb.shape[:2], self.preprocessor,
                                         self.mask_target)
-        return [Piece(key=self.keys[item], tensor=None, arrays=arrays)]
-
-    def prepare(self, item: str, image: DecodedImage) -> list[Piece | Failure]:
-        rgb = composite_alpha(image.rgb, image.alpha, self.background)
-        arrays: dict[str, np.ndarray] = {}
-        if self.mask_target is not None and image.alpha is not None:
-            arrays["mask"] = alpha_grid(image.alpha, rgb.shape[:2], self.preprocessor,
-                                        self.mask_target)
-        return [Piece(key=self.keys[item], tensor=self.preprocessor.prepare(rgb), arrays=arrays)]
+        return [Piece(key=self.keys[item], tensor=decoded.tensor, arrays=arrays)]
 
 
 def build_grid_job(folder: Path, paths: list[Path], rule: KeyRule, preprocessor: Preprocessor,

@@ -4,11 +4,15 @@
 One item per image file name (in the folder's listing order), one output key per item
 (``keys``). Two files with the same key: the first one listed is written, each later one is a
 failure row (``duplicates`` maps it to the file that won). A stage's job subclasses
-:class:`ImageFolderJob` and says how one decoded image becomes pieces (:meth:`prepare`), or
-replaces the whole per-item step (:meth:`load_item`) when it does not decode pixels.
+:class:`ImageFolderJob` and says how one file is decoded (:meth:`~ImageFolderJob.decode`) and
+how the decoded file becomes pieces (:meth:`~ImageFolderJob.prepare`), or replaces the whole
+per-item step (:meth:`~ImageFolderJob.load_item`) when it does not decode pixels.
 
-:meth:`ImageFolderJob.decode` is the one decode step (``load_image``: EXIF orientation applied,
-alpha kept apart), so that a faster decoder can replace it in one place.
+:meth:`ImageFolderJob.load_item` is the one place where a file that does not decode
+(``ImageDecodeError``) becomes a ``bad_image`` row. What ``decode`` returns is the stage's: the
+model stages decode and preprocess along their preprocessing path
+(``featcache.encoders.preprocess.prepare_file``; the encoders are theirs to import, not this
+module's, so that a model-free stage's code deps stay free of them).
 """
 
 from __future__ import annotations
@@ -16,13 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
-from featcache.datasets.images import (
-    DecodedImage,
-    ImageDecodeError,
-    find_duplicate_keys,
-    load_image,
-)
+from featcache.datasets.images import ImageDecodeError, find_duplicate_keys
 from featcache.engine import file_signature
 from featcache.engine.types import Failure, Piece
 from featcache.failures import FailureCode
@@ -40,8 +40,11 @@ def index_folder(names: Sequence[str], key: Callable[[str], str] = stem_key,
     return tuple(names), keys, find_duplicate_keys(list(names), keys.__getitem__)
 
 
+Decoded = TypeVar("Decoded")   # what a stage's decode step makes of one file
+
+
 @dataclass(frozen=True)
-class ImageFolderJob:
+class ImageFolderJob(Generic[Decoded]):
     """Engine job of one image folder (see the module docstring). Picklable: paths, keys and
     preprocessing settings, never a model; :meth:`load` runs in DataLoader workers.
 
@@ -73,17 +76,19 @@ class ImageFolderJob:
         return self.load_item(item)
 
     def load_item(self, item: str) -> list[Piece | Failure]:
-        """Decode the image (a failure row when it cannot be), then :meth:`prepare` it."""
+        """:meth:`decode` the file (a ``bad_image`` row when it cannot be), then
+        :meth:`prepare` it."""
         try:
-            image = self.decode(item)
+            decoded = self.decode(item)
         except ImageDecodeError as e:
             return [Failure(item, FailureCode.BAD_IMAGE, e.reason)]
-        return self.prepare(item, image)
+        return self.prepare(item, decoded)
 
-    def decode(self, item: str) -> DecodedImage:
-        """The decode step: the whole file, in display orientation (``load_image``)."""
-        return load_image(self.folder / item)
+    def decode(self, item: str) -> Decoded:
+        """The decode step of ``folder / item`` (the stage's own); raises ``ImageDecodeError``
+        for a file that does not decode completely."""
+        raise NotImplementedError(f"{type(self).__name__} must define decode()")
 
-    def prepare(self, item: str, image: DecodedImage) -> list[Piece | Failure]:
-        """The pieces of one decoded image (the stage's own step)."""
+    def prepare(self, item: str, decoded: Decoded) -> list[Piece | Failure]:
+        """The pieces of one decoded file (the stage's own step)."""
         raise NotImplementedError(f"{type(self).__name__} must define prepare()")

@@ -37,11 +37,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from featcache.config import ParamError, SharedParams, require
-from featcache.datasets.images import DecodedImage, ImageDecodeError, list_images
+from featcache.datasets.images import list_images
 from featcache.encoders import Preprocessor, resolve_device
 from featcache.encoders.device_input import batch_model_input
 from featcache.encoders.preprocess import (
     PREPROCESS_DESCRIPTIONS,
+    FileInput,
     PreprocessPath,
     prepare_file,
 )
@@ -51,14 +52,13 @@ from featcache.engine import WriterOptions, finish_stage, run_job
 from featcache.engine.distributed import init_distributed, rank_device
 from featcache.engine.inference import autocast_for, resolve_precision, to_storage
 from featcache.engine.types import Batch, Failure, ModelParams, Piece, RunResult
-from featcache.failures import FailureCode
 from featcache.provenance import Sam2Provenance, encoder_facts
 from featcache.stages._image_folder import ImageFolderJob, index_folder
 
 if TYPE_CHECKING:
     import torch
 
-    from featcache.encoders import Encoder, Preprocessor
+    from featcache.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -103,26 +103,22 @@ class Sam2Params(ModelParams):
 
 
 @dataclass(frozen=True)
-class Sam2Job(ImageFolderJob):
+class Sam2Job(ImageFolderJob[FileInput]):
     """Engine job: one item per image file name in ``folder``, one piece per image, keyed by
     its stem (two images with one stem: the later is a failure row). Picklable: holds the
     preprocessor, never the model."""
 
     preprocess: Preprocessor
 
-    def prepare(self, item: str, image: DecodedImage) -> list[Piece | Failure]:
-        """One piece with ``tensor [3, S, S]`` (the workers' model input)."""
-        return [Piece(key=self.keys[item], tensor=self.preprocess.prepare(image.rgb))]
+    def decode(self, item: str) -> FileInput:
+        """The file's RGB (alpha ignored) along the preprocessor's path
+        (:func:`prepare_file`)."""
+        return prepare_file(self.folder / item, self.preprocess, lambda image: image.rgb)
 
-    def load_item(self, item: str) -> list[Piece | Failure]:
-        """The exact path as the base does; the fast paths: the device's arrays, no tensor."""
-        if self.preprocess.path == "exact":
-            return super().load_item(item)
-        try:
-            got = prepare_file(self.folder / item, self.preprocess, lambda image: image.rgb)
-        except ImageDecodeError as e:
-            return [Failure(item, FailureCode.BAD_IMAGE, e.reason)]
-        return [Piece(key=self.keys[item], tensor=None, arrays=got.arrays)]
+    def prepare(self, item: str, decoded: FileInput) -> list[Piece | Failure]:
+        """One piece: ``tensor [3, S, S]`` (the exact path's model input) or, on the device
+        paths, no tensor and the device's arrays."""
+        return [Piece(key=self.keys[item], tensor=decoded.tensor, arrays=decoded.arrays)]
 
 
 def build_sam2_job(params: Sam2Params, preprocess: Preprocessor) -> Sam2Job:
