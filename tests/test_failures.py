@@ -12,10 +12,22 @@ import yaml
 from PIL import Image
 from test_edges import params_for, write_dataset
 
+from featcache.datasets.coco_panoptic import PanopticError
+from featcache.datasets.sa1b import Sa1bError
+from featcache.datasets.scannet import ScanNetError
 from featcache.encoders import TINY_OPENCLIP, Preprocessor, resolve_spec
 from featcache.engine.types import Failure
-from featcache.failures import ANY_STAGE, FAILURES, FailureCode, code_of, failure_table
+from featcache.engine.writers import ItemNameError
+from featcache.failures import (
+    ANY_STAGE,
+    FAILURES,
+    CodedError,
+    FailureCode,
+    code_of,
+    failure_table,
+)
 from featcache.stages._grids import build_grid_job
+from featcache.stages._point_sampling import GridError
 from featcache.stages.edge_maps_methodB import run_edge_maps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +77,20 @@ def test_errors_without_a_code_of_their_own_keep_their_type_in_the_message() -> 
     coded = ValueError("no JSON")
     coded.code = FailureCode.MISSING_FILE
     assert code_of(coded) == (FailureCode.MISSING_FILE, "no JSON")
+
+
+def test_the_coded_errors_share_one_base_and_map_to_their_code() -> None:
+    """Each reader/writer error is a CodedError, keeps the exception type callers catch, and
+    becomes its own code and message (not ``unexpected_error``)."""
+    catches = {PanopticError: Exception, ScanNetError: ValueError, Sa1bError: ValueError,
+               ItemNameError: ValueError, GridError: ValueError}
+    assert {cls.__name__ for cls in catches} == CODED_ERRORS
+    for code, (cls, caught) in zip(FailureCode, catches.items()):
+        error = cls(code, f"{cls.__name__}: what is wrong")
+        assert isinstance(error, CodedError) and isinstance(error, caught), cls
+        assert error.code is code and str(error) == f"{cls.__name__}: what is wrong"
+        assert code_of(error) == (code, f"{cls.__name__}: what is wrong")
+    assert not issubclass(PanopticError, ValueError)   # as before the shared base
 
 
 def test_every_code_has_a_meaning_and_real_stages() -> None:

@@ -59,6 +59,17 @@ class FailureCode(StrEnum):
     COMPUTE_ERROR = "compute_error"
 
 
+class CodedError(Exception):
+    """An error that is one ``failures.tsv`` row: ``code`` (a :class:`FailureCode`) and the
+    message. The readers' and writers' errors subclass it (``PanopticError``, ``ScanNetError``,
+    ``Sa1bError``, ``ItemNameError``, ``GridError``), beside ``ValueError`` where theirs was
+    one, so callers that catch ``ValueError`` still do."""
+
+    def __init__(self, code: FailureCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass(frozen=True)
 class FailureInfo:
     """What a code means (one line) and which stages emit it."""
@@ -167,8 +178,9 @@ def unexpected_message(error: BaseException) -> str:
 
 def code_of(error: BaseException) -> tuple[FailureCode, str]:
     """``(code, message)`` of an error a job did not turn into a row itself: its own ``code``
-    when it carries a :class:`FailureCode` (the readers' errors, the item timeout), else
-    ``unexpected_error`` with the error's type in the message."""
+    when it carries a :class:`FailureCode` (a :class:`CodedError`, or the engine's item
+    timeout, whose code is a class attribute), else ``unexpected_error`` with the error's type
+    in the message."""
     code = getattr(error, "code", None)
     if isinstance(code, FailureCode):
         return code, str(error) or repr(error)

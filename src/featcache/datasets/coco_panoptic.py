@@ -36,19 +36,15 @@ from typing import Any
 import numpy as np
 
 from featcache.datasets.images import ImageDecodeError, load_image
-from featcache.failures import FailureCode
+from featcache.failures import CodedError, FailureCode
 
 # PIL modes whose pixels are the id colours themselves (grey or 16-bit PNGs are not panoptic).
 _ID_COLOUR_MODES = ("RGB", "RGBA", "P", "PA")
 
 
-class PanopticError(Exception):
+class PanopticError(CodedError):
     """One annotation, image or segment that cannot be used; ``code`` is the failure kind
     (a :class:`~featcache.failures.FailureCode`: ``bad_annotation``, ``duplicate_key``, ...)."""
-
-    def __init__(self, code: FailureCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)

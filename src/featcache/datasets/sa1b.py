@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from featcache.datasets.images import list_images
-from featcache.failures import FailureCode
+from featcache.failures import CodedError, FailureCode
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,8 @@ _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width/height
 
 
-class Sa1bError(ValueError):
+class Sa1bError(CodedError, ValueError):
     """Bad SA-1B input. ``code`` is a short failure code for ``failures.tsv``."""
-
-    def __init__(self, code: FailureCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)

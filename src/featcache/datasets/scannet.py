@@ -30,7 +30,7 @@ import numpy as np
 
 from featcache.datasets.frames import frame_number
 from featcache.datasets.images import ImageDecodeError, image_size
-from featcache.failures import FailureCode
+from featcache.failures import CodedError, FailureCode
 
 COLOR_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Largest relative difference of aspect ratios (W/H) for which intrinsics calibrated at one
@@ -44,12 +44,8 @@ _PLY_TYPES = {
 }
 
 
-class ScanNetError(ValueError):
+class ScanNetError(CodedError, ValueError):
     """Bad or missing ScanNet input; ``code`` is the short error name for ``failures.tsv``."""
-
-    def __init__(self, code: FailureCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from featcache.engine.atomic import (
     save_npz,
     write_text,
 )
-from featcache.failures import FailureCode
+from featcache.failures import CodedError, FailureCode
 
 Arrays = Mapping[str, Sequence[np.ndarray] | np.ndarray]
 
@@ -64,13 +64,9 @@ class WriterOptions:
     aliases: Mapping[str, str] = field(default_factory=dict)
 
 
-class ItemNameError(ValueError):
+class ItemNameError(CodedError, ValueError):
     """One key cannot be written as a per-item file; ``code`` is its ``failures.tsv`` error
     (``bad_name``, ``name_too_long`` or ``name_collision``)."""
-
-    def __init__(self, code: FailureCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # top-level names of an output folder that per-item files must not take

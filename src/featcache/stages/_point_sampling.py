@@ -11,15 +11,11 @@ import torch
 
 from featcache.encoders.base import EncoderSpec
 from featcache.encoders.preprocess import Preprocessor
-from featcache.failures import FailureCode
+from featcache.failures import CodedError, FailureCode
 
 
-class GridError(ValueError):
+class GridError(CodedError, ValueError):
     """A missing or unusable CLIP grid; ``code`` names the failure in ``failures.tsv``."""
-
-    def __init__(self, code: FailureCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def tokens_to_map(tokens: np.ndarray, upscale: int) -> torch.Tensor:
