@@ -17,7 +17,7 @@ from test_hardening import NamedJob
 
 from featcache.encoders import resolve_spec
 from featcache.encoders import weights as W
-from featcache.engine import EngineParams, WriterOptions, atomic, finish_stage, run_job, runner
+from featcache.engine import EngineParams, WriterOptions, atomic, finish_stage, run_job, sinks
 from featcache.engine.cli import run_stage
 from featcache.engine.types import Failure, Piece
 from featcache.reader import open_features
@@ -58,7 +58,7 @@ def _tree(path: Path) -> dict[str, bytes]:
 def test_disk_full_is_one_line_naming_the_path_and_a_rerun_loses_nothing(tmp_path, monkeypatch,
                                                                          caplog):
     _stage(NamedJob(KEYS), tmp_path / "ref" / "out")
-    real, calls = runner.write_shard, []
+    real, calls = sinks.write_shard, []
 
     def full_disk(path, content, compression):
         calls.append(path)
@@ -66,12 +66,12 @@ def test_disk_full_is_one_line_naming_the_path_and_a_rerun_loses_nothing(tmp_pat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, content, compression)
 
-    monkeypatch.setattr(runner, "write_shard", full_disk)
+    monkeypatch.setattr(sinks, "write_shard", full_disk)
     assert _exit_code(lambda: _stage(NamedJob(KEYS), tmp_path / "run" / "out")) == 1
     (line,) = _errors(caplog)
     assert "disk full" in line.getMessage() and str(calls[2]) in line.getMessage()
     assert line.exc_info is None and not (tmp_path / "run" / "out").exists()
-    monkeypatch.setattr(runner, "write_shard", real)
+    monkeypatch.setattr(sinks, "write_shard", real)
     result = _stage(NamedJob(KEYS), tmp_path / "run" / "out")   # space freed: run again
     assert result.reused > 0 and result.failed == 0
     assert _tree(tmp_path / "run" / "out") == _tree(tmp_path / "ref" / "out")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.engine import EngineParams, WriterOptions, rows, run_job, runner, shards
+from featcache.engine import EngineParams, WriterOptions, rows, run_job, shards, sinks
 from featcache.engine.rows import LazyRow, SpilledRow, StoredRow
 from featcache.engine.shards import ShardContent, ShardReader, write_shard
 from featcache.engine.types import Failure
@@ -27,13 +27,13 @@ def run_toy(cwd: Path, monkeypatch, n: int = 60, drop=frozenset()) -> tuple[Path
     to ``write_shard`` (arrays or lazy rows)."""
     monkeypatch.chdir(cwd)
     seen: list[list[dict]] = []
-    real = runner.write_shard
+    real = sinks.write_shard
 
     def spy(path, content, compression):
         seen.append([fields for _, _, fields in content.records])
         return real(path, content, compression)
 
-    monkeypatch.setattr(runner, "write_shard", spy)
+    monkeypatch.setattr(sinks, "write_shard", spy)
     out = cwd / "out"
     run_job(ToyJob(n, False, frozenset(drop)), ToyCompute(0.0), stage="toy", out=out,
             writer="shards", writer_options=WriterOptions(dtype="fp16"),

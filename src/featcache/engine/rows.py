@@ -100,14 +100,16 @@ class RowSpill:
         self.offset = 0
         self.fd: int | None = None
 
-    def keep(self, fields: dict[str, Any]) -> dict[str, Any]:
+    def keep(self, fields: dict[str, Any], copy: bool = False) -> dict[str, Any]:
+        """``fields`` with every array past the budget spilled; ``copy``: the arrays kept in
+        memory are copies (the caller reuses the buffers behind them)."""
         out = {}
         for name, value in fields.items():
             a = np.asarray(value)
             if (a.dtype.kind in "USOV" or a.nbytes < MIN_SPILL_BYTES
                     or self.held + a.nbytes <= self.budget):
                 self.held += a.nbytes
-                out[name] = value
+                out[name] = a.copy() if copy and isinstance(value, np.ndarray) else value
             else:
                 out[name] = self._spill(cast(a, self.dtype))
         return out

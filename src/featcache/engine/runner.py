@@ -9,8 +9,9 @@
    the scratch area; within a shard that must be rebuilt, members found in an earlier shard are
    copied from it (no model work); only the rest is loaded and computed;
 3. DataLoader workers load items; the model computes batches that never span a shard, each
-   padded to ``batch_size`` (one shape for every batch); a writer thread writes each finished
-   shard once, in its final format, in the scratch area;
+   padded to ``batch_size`` (one shape for every batch); the rows go to a sink
+   (:mod:`featcache.engine.sinks`: a writer process, or with ``num_workers: 0`` a writer
+   thread here) that writes each finished shard once, in its final format, in the scratch area;
 4. rank 0 moves (renames) the shards into the output, writes its index and the layout's view.
 
 On the CPU the model runs with one intra-op thread: results then depend neither on a row's
@@ -28,7 +29,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,17 +41,14 @@ from featcache.engine.atomic import (
     atomic_path,
     remove_stale_temps,
     stale_temps,
-    with_path,
 )
 from featcache.engine.code import code_identity
 from featcache.engine.distributed import DistContext, init_distributed
 from featcache.engine.loading import item_signatures, load_items, make_batch
 from featcache.engine.reuse import earlier_members, link_or_copy, previous_shards
-from featcache.engine.rows import LazyRow, RowSpill
 from featcache.engine.scratch import SCRATCH_ROOT, fingerprint_of, safe_name
 from featcache.engine.shards import (
     SHARDS_DIR,
-    ShardContent,
     ShardReader,
     member_identity,
     plan_shards,
@@ -59,11 +56,11 @@ from featcache.engine.shards import (
     shard_name,
     target_items,
     write_index,
-    write_shard,
 )
+from featcache.engine.sinks import Sink, open_sink
 from featcache.engine.types import Batch, EngineParams, Failure, Job, Piece, RunResult
 from featcache.engine.views import get_view
-from featcache.engine.writers import WriterOptions, cast, h5_compression
+from featcache.engine.writers import WriterOptions
 from featcache.failures import FailureCode, unexpected_message
 from featcache.provenance import library_versions
 
@@ -87,53 +84,9 @@ class _Planned:
         self.name = shard_name(shard_identity(self.member_ids))
 
 
-class _ShardBuilder:
-    """Collects one shard's computed rows (beyond :data:`~featcache.engine.rows.SPILL_BYTES`
-    in a spill file, so memory does not grow with the shard); hands the whole shard to the
-    writer thread."""
-
-    def __init__(self, planned: _Planned, scratch: Path, dtype: str | None) -> None:
-        self.planned = planned
-        self.records: list[tuple[int, str, dict[str, Any]]] = []
-        self.failures: list[tuple[int, Failure]] = []
-        self.spill = RowSpill(scratch, dtype)
-
-    def add(self, member: int, key: str, fields: dict[str, Any]) -> None:
-        self.records.append((member, key, self.spill.keep(fields)))
-
-
-def _storage(value: Any, dtype: str | None) -> Any:
-    return value if isinstance(value, LazyRow) else cast(value, dtype)   # spilled: cast already
-
-
-def _gather(planned: _Planned, built: _ShardBuilder, dtype: str | None,
-            readers: dict[Path, ShardReader]) -> ShardContent:
-    """The shard's content in member order: earlier rows as references into their shard files
-    (opened into ``readers``, read when written), computed rows cast to the storage dtype."""
-    records, failures = [], []
-    computed: dict[int, list] = {}
-    for m, key, fields in built.records:
-        computed.setdefault(m, []).append((key, {n: _storage(v, dtype)
-                                                 for n, v in fields.items()}))
-    failed: dict[int, list[Failure]] = {}
-    for m, f in built.failures:
-        failed.setdefault(m, []).append(f)
-    for m in range(len(planned.members)):
-        if m in planned.found:
-            path, old = planned.found[m]
-            reader = readers.get(path) or readers.setdefault(path, ShardReader(path))
-            rows = list(reader.lazy_records_of(old))
-            fails = reader.failures_of(old)
-        else:
-            rows, fails = computed.get(m, []), failed.get(m, [])
-        records += [(m, k, f) for k, f in rows]
-        failures += [(m, f) for f in fails]
-    return ShardContent(planned.members, planned.member_ids, records, failures)
-
-
-def _compute_into(compute: Compute, taken: list[tuple[int, Piece]], built: _ShardBuilder,
+def _compute_into(compute: Compute, taken: list[tuple[int, Piece]], sink: Sink, shard: int,
                   pad_to: int) -> None:
-    """Run ``compute`` on the pieces (one shard's) and file each output record.
+    """Run ``compute`` on the pieces (of ``shard``) and file each output record in ``sink``.
 
     When a batch fails, its pieces are retried one by one (each still padded to the batch
     shape), so that one bad input becomes one failure row, not the end of the run.
@@ -144,16 +97,16 @@ def _compute_into(compute: Compute, taken: list[tuple[int, Piece]], built: _Shar
     except Exception as e:
         if len(taken) == 1:
             m, p = taken[0]
-            built.failures.append((m, Failure(p.key, FailureCode.COMPUTE_ERROR,
-                                              unexpected_message(e))))
+            sink.fail(shard, m, Failure(p.key, FailureCode.COMPUTE_ERROR, unexpected_message(e)))
             return
         log.warning("a batch of %d failed (%s: %s); retrying its pieces one by one",
                     len(taken), type(e).__name__, e)
         for one in taken:
-            _compute_into(compute, [one], built, pad_to)
+            _compute_into(compute, [one], sink, shard, pad_to)
         return
     for i, (m, p) in enumerate(taken):
-        built.add(m, p.key, {k: np.asarray(v[i]) for k, v in out.items() if v[i] is not None})
+        sink.add(shard, m, p.key, {k: np.asarray(v[i]) for k, v in out.items()
+                                   if v[i] is not None})
 
 
 @contextlib.contextmanager
@@ -183,59 +136,34 @@ def _compute_shards(job: Job, compute: Compute | None, todo: list[_Planned], scr
             for m in range(len(p.members)) if m not in p.found]
     counts = Counter(i for i, _, _ in work)
     remaining = {i: counts[i] for i in range(len(todo))}
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-    pending: list[Future] = []
-    compression = h5_compression(options)
-
-    def finish(i: int, built: _ShardBuilder) -> None:
-        readers: dict[Path, ShardReader] = {}
-        try:
-            content = _gather(todo[i], built, options.dtype, readers)
-            written[todo[i].name] = ([k for _, k, _ in content.records],
-                                     [f for _, f in content.failures])
-            result.bytes_written += write_shard(scratch / todo[i].name, content, compression)
-        except OSError as e:   # disk full: the stage's one line names the shard
-            raise with_path(e, scratch / todo[i].name) from None
-        finally:
-            built.spill.close()
-            for r in readers.values():
-                r.close()
-
-    builders: dict[int, _ShardBuilder] = {}
-
-    def builder(i: int) -> _ShardBuilder:
-        if i not in builders:
-            builders[i] = _ShardBuilder(todo[i], scratch, options.dtype)
-        return builders[i]
+    # the writer process when items load in DataLoader workers; num_workers: 0 keeps
+    # everything in this process (and in reach of a debugger)
+    sink = open_sink(todo, scratch, options, in_process=params.num_workers == 0)
     queue: list[tuple[int, Piece]] = []
 
     def run_batch(shard: int, n: int) -> None:
         taken, queue[:] = queue[:n], queue[n:]
         t, c = time.perf_counter(), time.thread_time()
-        _compute_into(compute, taken, builder(shard), params.batch_size)
+        _compute_into(compute, taken, sink, shard, params.batch_size)
         result.compute_s += time.perf_counter() - t
         result.compute_cpu_s += time.thread_time() - c
 
     def close(shard: int) -> None:
         while queue:
             run_batch(shard, min(len(queue), params.batch_size))
-        while len(pending) > 1:   # one shard written, one waiting: no backlog of shards
-            pending.pop(0).result()
-        pending.append(writer.submit(finish, shard, builder(shard)))
-        builders.pop(shard)
+        sink.close(shard)
 
-    for i in [i for i, n in remaining.items() if n == 0]:   # everything found earlier
-        close(i)
     try:
+        for i in [i for i, n in remaining.items() if n == 0]:   # everything found earlier
+            close(i)
         loaded_items = load_items(job, work, params.num_workers, min(8, params.batch_size))
         for shard, member, loaded in tqdm(loaded_items, total=len(work), desc=label,
                                           unit="item", mininterval=2.0):
-            built = builder(shard)
             for r in loaded:
                 if isinstance(r, Failure):
-                    built.failures.append((member, r))
+                    sink.fail(shard, member, r)
                 elif compute is None:
-                    built.add(member, r.key, r.arrays)
+                    sink.add(shard, member, r.key, r.arrays)
                 else:
                     queue.append((member, r))
             result.computed += 1
@@ -245,9 +173,9 @@ def _compute_shards(job: Job, compute: Compute | None, todo: list[_Planned], scr
             if remaining[shard] == 0:
                 close(shard)
     finally:
-        for f in pending:
-            f.result()
-        writer.shutdown()
+        sink.finish()
+    written.update(sink.written)
+    result.bytes_written += sink.bytes_written
 
 
 def shard_range() -> tuple[int, int] | None:
