@@ -5,8 +5,9 @@ A worker's model input crosses to the main process as a plain numpy array when i
 (a uint8 ``[3,224,224]`` is 150 KB): pickled through the worker's pipe it costs the main
 process one read; a torch tensor instead travels as a shared-memory file descriptor, which
 costs a new socket connection and handshake per tensor in the main process (measured: most
-of the main process's IPC time). Large inputs (SAM2's 12.6 MB float32) stay shared memory,
-where one mapping beats copying the bytes through the pipe. Same bits either way.
+of the main process's IPC time). Large inputs (SAM2's 12.6 MB float32) cross through the
+slots of a :class:`~featcache.engine.slots.SlotPool`, mapped once (for a job that declares
+``input_bytes``). Same bits either way.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from featcache.engine.signatures import batched_signatures
+from featcache.engine.slots import SlotPool, SlotRef
 from featcache.engine.types import Batch, Failure, Job, Piece
 from featcache.failures import FailureCode, code_of
 
@@ -69,28 +71,34 @@ def _deadline(seconds: float, item: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _to_wire(r: Piece | Failure) -> Piece | Failure:
+def _to_wire(r: Piece | Failure, pool: SlotPool | None) -> Piece | Failure:
     t = r.tensor if isinstance(r, Piece) else None
-    if isinstance(t, torch.Tensor) and t.numel() * t.element_size() <= PIPE_BYTES:
+    if not isinstance(t, torch.Tensor):
+        return r
+    if t.numel() * t.element_size() <= PIPE_BYTES:
         return dataclasses.replace(r, tensor=t.contiguous().numpy())
-    return r
+    ref = pool.put(t) if pool is not None else None
+    return r if ref is None else dataclasses.replace(r, tensor=ref)
 
 
-def from_wire(r: Piece | Failure) -> Piece | Failure:
-    """A piece as the worker made it (its numpy hand-off back to a tensor, no copy)."""
+def from_wire(r: Piece | Failure, pool: SlotPool | None = None) -> Piece | Failure:
+    """A piece as the worker made it (its numpy or slot hand-off back to a tensor, no copy)."""
     if isinstance(r, Piece) and isinstance(r.tensor, np.ndarray):
         return dataclasses.replace(r, tensor=torch.from_numpy(r.tensor))
+    if isinstance(r, Piece) and isinstance(r.tensor, SlotRef) and pool is not None:
+        return dataclasses.replace(r, tensor=pool.take(r.tensor))
     return r
 
 
 class ItemDataset(torch.utils.data.Dataset):
     """Index i -> (shard, member, the item's pieces and failures); exceptions (and a load
     past the item timeout) -> failures. In a DataLoader worker, small tensors are handed off
-    as numpy arrays (see the module doc; :func:`from_wire` undoes it)."""
+    as numpy arrays and large ones through ``pool`` (see the module doc; :func:`from_wire`
+    undoes it)."""
 
     def __init__(self, job: Job, work: list[tuple[int, int, str]], timeout_s: float = 0.0,
-                 ) -> None:
-        self.job, self.work, self.timeout_s = job, work, timeout_s
+                 pool: SlotPool | None = None) -> None:
+        self.job, self.work, self.timeout_s, self.pool = job, work, timeout_s, pool
 
     def __len__(self) -> int:
         return len(self.work)
@@ -103,7 +111,7 @@ class ItemDataset(torch.utils.data.Dataset):
         except Exception as e:  # one bad item must not stop the run
             return shard, member, [Failure(item, *code_of(e))]
         if torch.utils.data.get_worker_info() is not None:
-            loaded = [_to_wire(r) for r in loaded]
+            loaded = [_to_wire(r, self.pool) for r in loaded]
         return shard, member, loaded
 
 
@@ -125,30 +133,49 @@ class _Groups(torch.utils.data.Dataset):
                     for i in range(g * self.group, min(self.n, (g + 1) * self.group))]
 
 
+def _prefetch(group: int) -> int:
+    return max(2, 4 // max(1, group))
+
+
 def _grouped(dataset: Any, n: int, num_workers: int, group: int,
              around: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             ) -> Iterator:
+             fork: bool = False) -> Iterator:
     """``dataset[0..n)`` in order, loaded by ``num_workers`` DataLoader workers (``0``: here)
     ``group`` items per fetch. At most ``2 * num_workers * max(group, 2)`` items (4 fetches
-    of one item) are in flight, as with one item per fetch and a prefetch factor of 4."""
+    of one item) are in flight, as with one item per fetch and a prefetch factor of 4.
+    ``fork``: the workers are forked (they share the memory ``dataset`` maps)."""
     if n == 0:
         return
     group = max(1, group) if num_workers else 1
     loader = torch.utils.data.DataLoader(
         _Groups(dataset, n, group, around), batch_size=None, shuffle=False, collate_fn=passthrough,
         num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-        prefetch_factor=max(2, 4 // group) if num_workers else None)
+        prefetch_factor=_prefetch(group) if num_workers else None,
+        multiprocessing_context="fork" if fork and num_workers else None)
     for results in loader:
         yield from results
 
 
 def load_items(job: Job, work: list[tuple[int, int, str]], num_workers: int, group: int,
-               ) -> Iterator[tuple[int, int, list[Piece | Failure]]]:
+               held: int = 0) -> Iterator[tuple[int, int, list[Piece | Failure]]]:
     """``(shard, member, pieces and failures)`` of each ``work`` item, in order, loaded in
-    ``num_workers`` DataLoader workers (see :class:`ItemDataset`), ``group`` per fetch."""
-    for shard, member, loaded in _grouped(ItemDataset(job, work, item_timeout_s()), len(work),
-                                          num_workers, group):
-        yield shard, member, [from_wire(r) for r in loaded]
+    ``num_workers`` DataLoader workers (see :class:`ItemDataset`), ``group`` per fetch.
+    ``held``: how many pieces the caller keeps at most (its batches) while it reads more."""
+    pool = _slot_pool(job, num_workers, group, held)
+    dataset = ItemDataset(job, work, item_timeout_s(), pool)
+    for shard, member, loaded in _grouped(dataset, len(work), num_workers, group,
+                                          fork=pool is not None):
+        yield shard, member, [from_wire(r, pool) for r in loaded]
+
+
+def _slot_pool(job: Job, num_workers: int, group: int, held: int) -> SlotPool | None:
+    """Slots for a job whose pieces carry inputs past :data:`PIPE_BYTES` (its
+    ``input_bytes``): one per piece in flight (the DataLoader's prefetch, the group being
+    read) or held, plus one."""
+    size = int(getattr(job, "input_bytes", 0) or 0)
+    if not num_workers or size <= PIPE_BYTES or not hasattr(os, "fork"):
+        return None
+    return SlotPool(size, (_prefetch(group) * num_workers + 1) * group + held + 1)
 
 
 class _Signatures(torch.utils.data.Dataset):

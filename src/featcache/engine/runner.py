@@ -156,7 +156,8 @@ def _compute_shards(job: Job, compute: Compute | None, todo: list[_Planned], scr
     try:
         for i in [i for i, n in remaining.items() if n == 0]:   # everything found earlier
             close(i)
-        loaded_items = load_items(job, work, params.num_workers, min(8, params.batch_size))
+        loaded_items = load_items(job, work, params.num_workers, min(8, params.batch_size),
+                                  held=2 * params.batch_size)
         for shard, member, loaded in tqdm(loaded_items, total=len(work), desc=label,
                                           unit="item", mininterval=2.0):
             for r in loaded:

@@ -97,7 +97,11 @@ _CODES = frozenset(c.value for c in FailureCode)
 
 
 class Job(Protocol):
-    """A picklable description of the work of one output: paths and params, never a model."""
+    """A picklable description of the work of one output: paths and params, never a model.
+
+    Optional: ``input_bytes``, the largest model input (``Piece.tensor``) one piece carries;
+    past 4 MB the engine hands such inputs over through shared slots
+    (:mod:`featcache.engine.slots`)."""
 
     def items(self) -> list[str]:
         """Stable work items (e.g. relative image paths) in a deterministic order."""

@@ -110,6 +110,13 @@ class Sam2Job(ImageFolderJob[FileInput]):
 
     preprocess: Preprocessor
 
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of one exact-path model input (float32 ``[3, S, S]``, 12.6 MB at 1024): the
+        engine hands these over through shared slots (:mod:`featcache.engine.slots`)."""
+        h, w = self.preprocess.spec.input_size
+        return 3 * h * w * 4
+
     def decode(self, item: str) -> FileInput:
         """The file's RGB (alpha ignored) along the preprocessor's path
         (:func:`prepare_file`)."""
