@@ -170,11 +170,12 @@ def test_incremental_runs_compute_only_new_items_and_equal_a_fresh_run(tmp_path,
     assert tree_bytes(out) == tree_bytes(fresh_out)
 
 
-@pytest.mark.parametrize("layout", ["shards", "npz"])
-def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, layout):
+@pytest.mark.parametrize("layout, workers", [("shards", 0), ("npz", 0), ("shards", 1)])
+def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, layout, workers):
+    """With workers, the shards are written by the writer process (featcache.engine.sinks)."""
     ref_dir, dir_ = tmp_path / "ref", tmp_path / "killed"
     ref_dir.mkdir(), dir_.mkdir()
-    args = ("--items", "320", "--sleep", "0.05")
+    args = ("--items", "320", "--sleep", "0.05", "--workers", str(workers))
     assert run_toy(ref_dir, "out", layout, *args).returncode == 0
     scratch = dir_ / ".featcache" / "scratch" / "toy"
     rng = random.Random(1234)
