@@ -62,8 +62,8 @@ class FailureCode(StrEnum):
 class CodedError(Exception):
     """An error that is one ``failures.tsv`` row: ``code`` (a :class:`FailureCode`) and the
     message. The readers' and writers' errors subclass it (``PanopticError``, ``ScanNetError``,
-    ``Sa1bError``, ``ItemNameError``, ``GridError``), beside ``ValueError`` where theirs was
-    one, so callers that catch ``ValueError`` still do."""
+    ``Sa1bError``, ``ItemNameError``, ``GridError``; the engine's ``ItemTimeout``), beside
+    ``ValueError`` where theirs was one, so callers that catch ``ValueError`` still do."""
 
     def __init__(self, code: FailureCode, message: str) -> None:
         super().__init__(message)

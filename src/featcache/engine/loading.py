@@ -27,17 +27,18 @@ import torch
 from featcache.engine.signatures import batched_signatures
 from featcache.engine.slots import SlotPool, SlotRef
 from featcache.engine.types import Batch, Failure, Job, Piece
-from featcache.failures import FailureCode, code_of
+from featcache.failures import CodedError, FailureCode, code_of
 
 ITEM_TIMEOUT_ENV = "FEATCACHE_ITEM_TIMEOUT_S"   # seconds one item's load may take; 0 = none
 DEFAULT_ITEM_TIMEOUT_S = 600.0
 PIPE_BYTES = 4 << 20   # tensors up to this size cross as numpy arrays (see the module doc)
 
 
-class ItemTimeout(Exception):
+class ItemTimeout(CodedError):
     """An item's load ran past the item timeout (a hung read or decoder)."""
 
-    code = FailureCode.ITEM_TIMEOUT
+    def __init__(self, message: str) -> None:
+        super().__init__(FailureCode.ITEM_TIMEOUT, message)
 
 
 def item_timeout_s() -> float:
