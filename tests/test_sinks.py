@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from featcache.engine import Batch, EngineParams, Piece, WriterOptions, rows, run_job, sinks
+from featcache.engine import (
+    Batch,
+    EngineParams,
+    Piece,
+    WriterOptions,
+    rows,
+    run_job,
+    sinks,
+)
 from featcache.engine.scratch import SCRATCH_ROOT
 
 SIDE = 24   # a row of 3 x 24 x 24 float32 = 6.9 KB: past sinks.RING_MIN, so through the ring
@@ -123,3 +132,26 @@ def test_a_writer_process_that_dies_is_an_error_not_a_hang(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="shard writer process exited"):
         run(tmp_path, monkeypatch, workers=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_leaves_the_writer_process_to_write_the_closed_shards(tmp_path, monkeypatch):
+    """SIGINT goes to the whole process group: the writer process ignores it, so the main
+    process's KeyboardInterrupt still gets every closed shard written (a resume keeps it)."""
+    monkeypatch.chdir(tmp_path)
+    job = BigJob(60)
+    plan = [(i, items) for i, items in enumerate([job.items()[:20], job.items()[20:40]])]
+
+    class Planned:   # what a sink reads of a planned shard
+        def __init__(self, i: int, items: list[str]) -> None:
+            self.name, self.members, self.member_ids, self.found = f"s{i}.h5", items, items, {}
+
+    todo = [Planned(i, items) for i, items in plan]
+    (tmp_path / "scratch").mkdir()
+    sink = sinks.ProcessSink(todo, tmp_path / "scratch", WriterOptions(dtype="fp16"))
+    os.kill(sink.proc.pid, signal.SIGINT)   # as a Ctrl-C in the terminal would
+    for m, item in enumerate(todo[0].members):
+        sink.add(0, m, item, {"feat": np.full(3000, m, np.float32)})
+    sink.close(0)
+    sink.finish()
+    assert sink.written["s0.h5"][0] == todo[0].members
+    assert (tmp_path / "scratch" / "s0.h5").is_file() and sink.proc.exitcode == 0

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -180,7 +181,8 @@ class ProcessSink:
     buffer (one copy here), the rest through a pipe; the writer process reports the space it
     has freed, each shard written (keys, failures, bytes) and its errors, which are raised
     here. Killing the main process ends the writer process at its next message (shards
-    closed but not yet written are then lost, as with a writer thread)."""
+    closed but not yet written are then lost, as with a writer thread); Ctrl-C does not reach
+    it (see :func:`_serve`)."""
 
     def __init__(self, todo: list[Planned], scratch: Path, options: WriterOptions) -> None:
         self.ring = mmap.mmap(-1, RING_BYTES)   # anonymous and shared with the forked child
@@ -191,7 +193,13 @@ class ProcessSink:
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_serve, args=(child, self.ring, todo, scratch, options),
                                 name="featcache-shard-writer", daemon=True)
-        self.proc.start()
+        # born with SIGINT blocked, so a Ctrl-C before it ignores SIGINT cannot kill it; a
+        # Ctrl-C meanwhile reaches this process when the mask is restored
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         child.close()
         self.done = False
 
@@ -277,7 +285,11 @@ def _serve(conn: Any, ring: mmap.mmap, todo: list[Planned], scratch: Path,
            options: WriterOptions) -> None:
     """The writer process: a :class:`ShardSink` fed by ``conn`` and the ring. Reports the
     ring space it has freed (every quarter of the ring, and whenever it has nothing to do),
-    each shard its writer thread has written, and its first error."""
+    each shard its writer thread has written, and its first error. Ctrl-C (SIGINT to the
+    process group) is the main process's to handle: it then asks for the closed shards to be
+    written, as with a writer thread, so a resumed run keeps them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     finished: queue.SimpleQueue[str] = queue.SimpleQueue()
     sink = ShardSink(todo, scratch, options, copy=True, on_written=finished.put)
     freed = acked = 0
