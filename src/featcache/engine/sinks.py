@@ -179,8 +179,8 @@ def _aligned(n: int) -> int:
 class ProcessSink:
     """A :class:`ShardSink` in a forked writer process. Large arrays go through a shared ring
     buffer (one copy here), the rest through a pipe; the writer process reports the space it
-    has freed, each shard written (keys, failures, bytes) and its errors, which are raised
-    here. Killing the main process ends the writer process at its next message (shards
+    has freed, each shard written (keys, failures), its errors, which are raised here, and at
+    the end the bytes written. Killing the main process ends the writer process at its next message (shards
     closed but not yet written are then lost, as with a writer thread); Ctrl-C does not reach
     it (see :func:`_serve`)."""
 
@@ -253,16 +253,12 @@ class ProcessSink:
         """Handle one report from the writer process (waiting for one when ``block``)."""
         while block and not self.conn.poll(WAIT_S):
             if not self.proc.is_alive():
-                self.done = True
-                raise RuntimeError(f"the shard writer process exited (code "
-                                   f"{self.proc.exitcode}) before writing every shard")
+                raise self._gone()
         try:
             kind, *rest = self.conn.recv()
         except (EOFError, OSError):   # closed or reset: the writer process is gone
-            self.done = True
             self.proc.join(timeout=WAIT_S)
-            raise RuntimeError(f"the shard writer process exited (code {self.proc.exitcode}) "
-                               f"before writing every shard") from None
+            raise self._gone() from None
         if kind == "tail":
             self.tail = max(self.tail, rest[0])
         elif kind == "written":
@@ -274,6 +270,12 @@ class ProcessSink:
         else:   # "error": the writer process has stopped
             self.done = True
             raise pickle.loads(rest[0])
+
+
+    def _gone(self) -> RuntimeError:
+        self.done = True
+        return RuntimeError(f"the shard writer process exited (code {self.proc.exitcode}) "
+                            f"before writing every shard")
 
 
 def _ringable(v: Any) -> bool:
@@ -323,7 +325,6 @@ def _serve(conn: Any, ring: mmap.mmap, todo: list[Planned], scratch: Path,
             else:   # "end"
                 sink.finish()
                 report_written()
-                conn.send(("tail", freed))
                 conn.send(("done", sink.bytes_written))
                 return
             report_written()

@@ -14,6 +14,7 @@ the tensor crosses the old way.
 
 from __future__ import annotations
 
+import math
 import mmap
 import multiprocessing
 import queue
@@ -67,9 +68,7 @@ class SlotPool:
 
     def _view(self, ref: SlotRef, release: bool = False) -> torch.Tensor:
         dtype = getattr(torch, ref.dtype)
-        n = 1
-        for s in ref.shape:
-            n *= s
+        n = math.prod(ref.shape)
         start = ref.index * self.slot_bytes
         buffer = memoryview(self.mem)[start:start + n * dtype.itemsize]
         if release:   # the tensor's storage holds ``buffer`` until the storage is freed
